@@ -1,0 +1,1 @@
+"""Containers: OCI spec building, lifecycle and status."""

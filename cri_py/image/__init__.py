@@ -1,0 +1,1 @@
+"""ImageService: references, registry client, content store, layer unpacking into overlay snapshots."""

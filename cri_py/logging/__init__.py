@@ -1,0 +1,1 @@
+"""The kubelet CRI log format writer."""

@@ -1,0 +1,1 @@
+"""CNI: network config discovery, plugin exec and result cache."""

@@ -1,0 +1,1 @@
+"""Private task layer: task manager, runc wrapper, shims, exit events."""

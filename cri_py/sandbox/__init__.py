@@ -1,0 +1,1 @@
+"""Pod sandboxes: pause container, network namespace, sandbox files and status."""

@@ -1,0 +1,1 @@
+"""The per-container shim program: stdlib-only, holds stdio, writes logs."""

@@ -1,0 +1,1 @@
+"""Metadata store: tinydb tables on crash-safe storage, and name reservation."""

@@ -1,0 +1,1 @@
+"""Streaming server for exec, attach and port-forward."""
