@@ -1,0 +1,103 @@
+"""The CRI RuntimeService edge: translates CRI messages to the services below.
+
+RPCs that are not built yet are inherited from the generated servicer, which raises
+NotImplementedError; the server's interceptor answers those UNIMPLEMENTED, never a
+fake success.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import grpc
+from cri_api.v1 import api_pb2 as cri
+from cri_api.v1 import api_pb2_grpc as cri_grpc
+
+from cri_py import __version__
+from cri_py.config import Config
+from cri_py.network.conf import NetworkConfigSource, NetworkNotReady
+
+CRI_VERSION = "0.1.0"  # the version string every CRI runtime reports; the kubelet checks it
+RUNTIME_NAME = "cri-py"
+RUNTIME_API_VERSION = "v1"
+
+
+def _condition(kind: str, problem: str | None, reason: str) -> cri.RuntimeCondition:
+    """A condition that is true when there is no problem to report."""
+    if problem is None:
+        return cri.RuntimeCondition(type=kind, status=True)
+    return cri.RuntimeCondition(type=kind, status=False, reason=reason, message=problem)
+
+
+class RuntimeHealth:
+    """Answers the two readiness questions the kubelet asks through Status."""
+
+    def __init__(self, config: Config, networks: NetworkConfigSource) -> None:
+        self.config = config
+        self.networks = networks
+
+    def runtime_problem(self) -> str | None:
+        """Why containers cannot run now, or None."""
+        if shutil.which(self.config.runtime.runc) is None:
+            return f"OCI runtime {self.config.runtime.runc!r} not found"
+        for name, handler in self.config.runtime.handlers.items():
+            binary = handler.binary or self.config.runtime.runc
+            if shutil.which(binary) is None:
+                return f"runtime handler {name!r}: binary {binary!r} not found"
+        if not os.access(self.config.state, os.W_OK):
+            return f"state directory {self.config.state} is not writable"
+        return None
+
+    def network_problem(self) -> str | None:
+        """Why pods cannot get a network now, or None."""
+        try:
+            self.networks.get()
+        except NetworkNotReady as exc:
+            return str(exc)
+        return None
+
+
+class RuntimeService(cri_grpc.RuntimeServiceServicer):
+    """RuntimeService: the runtime's identity and health; pods and containers follow."""
+
+    def __init__(self, config: Config, health: RuntimeHealth) -> None:
+        self.config = config
+        self.health = health
+
+    async def Version(self, request: cri.VersionRequest, context: grpc.aio.ServicerContext) -> cri.VersionResponse:
+        return cri.VersionResponse(
+            version=CRI_VERSION,
+            runtime_name=RUNTIME_NAME,
+            runtime_version=__version__,
+            runtime_api_version=RUNTIME_API_VERSION,
+        )
+
+    async def Status(self, request: cri.StatusRequest, context: grpc.aio.ServicerContext) -> cri.StatusResponse:
+        status = cri.RuntimeStatus(
+            conditions=[
+                _condition("RuntimeReady", self.health.runtime_problem(), "RuntimeNotReady"),
+                _condition("NetworkReady", self.health.network_problem(), "NetworkPluginNotReady"),
+            ]
+        )
+        handlers = [
+            cri.RuntimeHandler(name=name, features=cri.RuntimeHandlerFeatures())
+            for name in sorted(self.config.runtime.handlers)
+        ]
+        # the kubelet looks up the default handler under the empty name
+        handlers.insert(0, cri.RuntimeHandler(name="", features=cri.RuntimeHandlerFeatures()))
+        response = cri.StatusResponse(status=status, runtime_handlers=handlers, features=cri.RuntimeFeatures())
+        if request.verbose:
+            response.info["config"] = json.dumps(self.config.to_dict())
+        return response
+
+    async def RuntimeConfig(
+        self, request: cri.RuntimeConfigRequest, context: grpc.aio.ServicerContext
+    ) -> cri.RuntimeConfigResponse:
+        driver = cri.SYSTEMD if self.config.runtime.cgroup_driver == "systemd" else cri.CGROUPFS
+        return cri.RuntimeConfigResponse(linux=cri.LinuxRuntimeConfiguration(cgroup_driver=driver))
+
+
+class ImageService(cri_grpc.ImageServiceServicer):
+    """ImageService: every RPC answers UNIMPLEMENTED until the image store lands."""
