@@ -237,6 +237,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
 def _build(cls: Any, data: dict[str, Any], prefix: str) -> Any:
     """Build dataclass `cls` from a TOML table; defaults fill what the table omits."""
     hints = typing.get_type_hints(cls)
+    defaults = cls()
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
@@ -244,6 +245,9 @@ def _build(cls: Any, data: dict[str, Any], prefix: str) -> Any:
         if key not in known:
             raise ConfigError(f"{dotted}: unknown key")
         kwargs[key] = _convert(hints[key], value, dotted)
+        if typing.get_origin(hints[key]) is dict:
+            # named tables (handlers, mirrors) add to the built-in ones, not replace them
+            kwargs[key] = {**getattr(defaults, key), **kwargs[key]}
     return cls(**kwargs)
 
 

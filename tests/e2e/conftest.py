@@ -1,0 +1,158 @@
+"""End-to-end fixtures: a real cri-py server as a subprocess on its own paths.
+
+Each test gets its own root, state dir, socket and metrics port, so tests never share
+state and a failing test cannot poison the next one; the fixture always stops the
+server it started, by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from cri_api.v1 import api_pb2_grpc as cri_grpc
+
+pytestmark = pytest.mark.e2e
+
+
+def pytest_collection_modifyitems(items):
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="e2e tests need root")
+        for item in items:
+            if "tests/e2e" in str(item.fspath):
+                item.add_marker(skip)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
+    """Poll until `predicate()` is truthy; never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class ServerProcess:
+    """A cri-py server subprocess and the paths it owns."""
+
+    base: Path
+    extra_config: str = ""
+    metrics: bool = True
+    proc: subprocess.Popen | None = None
+    metrics_port: int = field(default_factory=free_port)
+
+    @property
+    def socket_path(self) -> str:
+        return str(self.base / "state" / "cri-py.sock")
+
+    @property
+    def config_path(self) -> Path:
+        return self.base / "config.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.base / "server.log"
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.base / "net.d"
+
+    def write_config(self) -> None:
+        self.conf_dir.mkdir(exist_ok=True)
+        self.config_path.write_text(
+            f'root = "{self.base}/root"\n'
+            f'state = "{self.base}/state"\n'
+            f"[grpc]\naddress = \"unix://{self.socket_path}\"\n"
+            f'[metrics]\naddress = "{f"127.0.0.1:{self.metrics_port}" if self.metrics else ""}"\n'
+            f'[streaming]\nport = {free_port()}\n'
+            f'[cni]\nconf_dir = "{self.conf_dir}"\n'
+            f'[log]\nlevel = "debug"\n' + self.extra_config
+        )
+
+    def start(self, wait: bool = True) -> "ServerProcess":
+        self.write_config()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cri_py.cli", "serve", "--config", str(self.config_path)],
+            stdout=open(self.log_path, "ab"),
+            stderr=subprocess.STDOUT,
+        )
+        if wait:
+            wait_for(self._ready, what=f"cri-py socket {self.socket_path}")
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"cri-py exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+        if not os.path.exists(self.socket_path):
+            return False
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(self.socket_path)
+            except OSError:
+                return False
+        return True
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(f"unix://{self.socket_path}")
+
+    def runtime(self) -> cri_grpc.RuntimeServiceStub:
+        return cri_grpc.RuntimeServiceStub(self.channel())
+
+    def images(self) -> cri_grpc.ImageServiceStub:
+        return cri_grpc.ImageServiceStub(self.channel())
+
+    def terminate(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal the server by PID and wait for it; returns its exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"cri-py did not exit within {timeout}s of signal {sig}")
+
+
+@pytest.fixture
+def server_factory(tmp_path) -> Iterator:
+    """Start servers on demand; every one is stopped at teardown even if the test failed."""
+    started: list[ServerProcess] = []
+
+    def make(extra_config: str = "", start: bool = True, metrics: bool = True) -> ServerProcess:
+        base = tmp_path / f"srv{len(started)}"
+        base.mkdir()
+        server = ServerProcess(base, extra_config, metrics)
+        started.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in started:
+        if server.proc is not None and server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+@pytest.fixture
+def server(server_factory) -> ServerProcess:
+    return server_factory()
