@@ -1,4 +1,4 @@
-"""The `cri-py` command: `serve`, `config default`.
+"""The `cri-py` command: `serve`, `config default|check`, `images import|ls`.
 
 Exit codes: 0 success, 1 the server failed at run time, 2 bad usage or configuration
 (one line on stderr naming the problem, so a service manager's log says it all).
@@ -45,15 +45,16 @@ def setup_logging(config: Config) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log.level.upper())
+    # httpx logs every request at INFO; a pull of 10 layers is not 12 log lines
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from cri_py.server import ServerError, serve  # keep `config default` free of grpc imports
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"cri-py: config: {exc}", file=sys.stderr)
+    config = _load_or_exit(args.config)
+    if config is None:
         return EXIT_USAGE
     setup_logging(config)
     try:
@@ -70,13 +71,111 @@ def _config_default(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    try:
-        load_config(args.config)
-    except ConfigError as exc:
-        print(f"cri-py: config: {exc}", file=sys.stderr)
+    if _load_or_exit(args.config) is None:
         return EXIT_USAGE
     print("config ok")
     return 0
+
+
+def _daemon_listening(socket_path: str) -> bool:
+    """Whether a daemon answers on the socket (then it owns the store)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(socket_path)
+        except OSError:
+            return False
+    return True
+
+
+async def _with_local_images(config: Config, action):  # noqa: ANN001, ANN202
+    """Run `action(images)` on the store directly, holding the root lock like a daemon."""
+    import os
+
+    from cri_py.image.images import ImageManager
+    from cri_py.server import lock_root
+    from cri_py.store import Store
+
+    os.makedirs(config.root, mode=0o711, exist_ok=True)
+    fd = lock_root(config.root)
+    store = Store(config.root)
+    try:
+        images = ImageManager(config, store)
+        await images.load()
+        return await action(images)
+    finally:
+        store.close()
+        os.close(fd)
+
+
+def _images_import(args: argparse.Namespace) -> int:
+    import os
+
+    from cri_py import admin
+    from cri_py.errors import CriError
+    from cri_py.server import ServerError
+
+    config = _load_or_exit(args.config)
+    if config is None:
+        return EXIT_USAGE
+    path = os.path.abspath(args.file)
+    try:
+        if _daemon_listening(config.socket_path):
+            result = admin.call_import(config.socket_path, path, args.name)
+        else:
+            records = asyncio.run(_with_local_images(config, lambda images: images.import_archive(path, args.name)))
+            result = {"images": admin.summary(records)}
+    except (CriError, ServerError) as exc:
+        print(f"cri-py: import: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # grpc.RpcError from the daemon carries its message
+        details = getattr(exc, "details", lambda: str(exc))()
+        print(f"cri-py: import: {details}", file=sys.stderr)
+        return 1
+    for image in result["images"]:
+        print(f"imported {image['id']} {' '.join(image['repo_tags'] or image['repo_digests'])}")
+    return 0
+
+
+def _images_ls(args: argparse.Namespace) -> int:
+    from cri_py.server import ServerError
+
+    config = _load_or_exit(args.config)
+    if config is None:
+        return EXIT_USAGE
+
+    async def listing(images):  # noqa: ANN001, ANN202
+        return images.list()
+
+    try:
+        records = asyncio.run(_with_local_images(config, listing)) if not _daemon_listening(config.socket_path) else None
+    except ServerError as exc:
+        print(f"cri-py: {exc}", file=sys.stderr)
+        return 1
+    rows = []
+    if records is None:
+        import grpc
+        from cri_api.v1 import api_pb2 as cri
+        from cri_api.v1 import api_pb2_grpc as cri_grpc
+
+        with grpc.insecure_channel(f"unix://{config.socket_path}") as channel:
+            response = cri_grpc.ImageServiceStub(channel).ListImages(cri.ListImagesRequest(), timeout=30)
+        rows = [(list(i.repo_tags) or list(i.repo_digests) or ["<none>"], i.id, i.size) for i in response.images]
+    else:
+        rows = [(r.repo_tags or r.repo_digests or ["<none>"], r.id, r.size) for r in records]
+    print(f"{'IMAGE':<60} {'ID':<20} SIZE")
+    for names, image_id, size in rows:
+        print(f"{names[0]:<60} {image_id[7:20]:<20} {size / 1e6:.1f}MB")
+    return 0
+
+
+def _load_or_exit(path: str | None) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"cri-py: config: {exc}", file=sys.stderr)
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", help="validate a config file and exit")
     check.add_argument("--config", help="config file (default /etc/cri-py/config.toml when present)")
     check.set_defaults(func=_config_check)
+
+    images = sub.add_parser("images", help="the image store")
+    images_sub = images.add_subparsers(dest="images_command", required=True)
+    imp = images_sub.add_parser("import", help="load an OCI image layout archive or a docker save tarball")
+    imp.add_argument("file", help="the archive")
+    imp.add_argument("--name", help="tag the archive's only image with this reference")
+    imp.add_argument("--config", help="config file (default /etc/cri-py/config.toml when present)")
+    imp.set_defaults(func=_images_import)
+    ls = images_sub.add_parser("ls", help="list stored images")
+    ls.add_argument("--config", help="config file (default /etc/cri-py/config.toml when present)")
+    ls.set_defaults(func=_images_ls)
     return parser
 
 

@@ -72,6 +72,8 @@ class MirrorConfig:
     """Endpoints tried in order before a registry host itself."""
 
     endpoints: list[str] = field(default_factory=list)
+    # false: never contact the host itself (air-gapped nodes, tests)
+    upstream: bool = True
 
 
 @dataclass

@@ -97,7 +97,3 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     ) -> cri.RuntimeConfigResponse:
         driver = cri.SYSTEMD if self.config.runtime.cgroup_driver == "systemd" else cri.CGROUPFS
         return cri.RuntimeConfigResponse(linux=cri.LinuxRuntimeConfiguration(cgroup_driver=driver))
-
-
-class ImageService(cri_grpc.ImageServiceServicer):
-    """ImageService: every RPC answers UNIMPLEMENTED until the image store lands."""

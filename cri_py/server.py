@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
 import os
 import signal
@@ -20,12 +21,16 @@ from typing import Any
 import grpc
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 
+from cri_py import admin
 from cri_py.config import Config
 from cri_py.errors import grpc_code_for
+from cri_py.image.images import ImageManager
+from cri_py.image.service import ImageService
 from cri_py.metrics.http import MetricsServer
 from cri_py.metrics.registry import grpc_request_duration
 from cri_py.network.conf import NetworkConfigSource
-from cri_py.runtime_service import ImageService, RuntimeHealth, RuntimeService
+from cri_py.runtime_service import RuntimeHealth, RuntimeService
+from cri_py.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +190,21 @@ def secure_socket(path: str) -> None:
 # --- serving ----------------------------------------------------------------------
 
 
+def lock_root(root: str) -> int:
+    """Hold `<root>/cri-py.lock` for the daemon's life: one daemon per root.
+
+    Two daemons on one root would each trust their own view of the store and
+    delete each other's snapshots. The lock dies with the process, even on SIGKILL.
+    """
+    fd = os.open(os.path.join(root, "cri-py.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ServerError(f"another cri-py process is using root {root}") from None
+    return fd
+
+
 class CriServer:
     """The daemon: gRPC on the socket, metrics, and an orderly shutdown."""
 
@@ -193,6 +213,8 @@ class CriServer:
         self.networks = NetworkConfigSource(config.cni.conf_dir, config.cni.bin_dirs)
         self.metrics = MetricsServer(config.metrics.address)
         self.grpc: grpc.aio.Server | None = None
+        self.store: Store | None = None
+        self._lock_fd: int | None = None
 
     def _make_dirs(self) -> None:
         os.makedirs(self.config.root, mode=0o711, exist_ok=True)
@@ -201,8 +223,12 @@ class CriServer:
     async def start(self) -> None:
         """Bind everything; raise ServerError with a clear message when that fails."""
         self._make_dirs()
+        self._lock_fd = lock_root(self.config.root)
         path = self.config.socket_path
         prepare_socket_path(path)
+        self.store = Store(self.config.root)
+        images = ImageManager(self.config, self.store)
+        await images.load()
         try:
             self.metrics.start()
         except OSError as exc:
@@ -216,7 +242,8 @@ class CriServer:
         )
         health = RuntimeHealth(self.config, self.networks)
         cri_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(self.config, health), server)
-        cri_grpc.add_ImageServiceServicer_to_server(ImageService(), server)
+        cri_grpc.add_ImageServiceServicer_to_server(ImageService(images), server)
+        server.add_generic_rpc_handlers([admin.handler(images)])
         old_umask = os.umask(0o177)  # no window where the socket is world-connectable
         try:
             if server.add_insecure_port(f"unix://{path}") == 0:
@@ -238,6 +265,10 @@ class CriServer:
             os.unlink(self.config.socket_path)
         except FileNotFoundError:
             pass
+        if self.store is not None:
+            self.store.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
         log.info("cri-py stopped")
 
 

@@ -156,3 +156,34 @@ def server_factory(tmp_path) -> Iterator:
 @pytest.fixture
 def server(server_factory) -> ServerProcess:
     return server_factory()
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REGISTRY = "127.0.0.1:5000"
+# the kubelet asks for registry.k8s.io and docker.io names; the local registry answers,
+# and the real hosts are never tried (tests send traffic only to 127.0.0.1)
+MIRRORS = f"""
+[registry.mirrors."registry.k8s.io"]
+endpoints = ["http://{REGISTRY}"]
+upstream = false
+[registry.mirrors."docker.io"]
+endpoints = ["http://{REGISTRY}"]
+upstream = false
+"""
+
+
+@pytest.fixture(scope="session")
+def local_registry() -> Iterator[str]:
+    """The local registry with the project's test images; started here if not running."""
+    status = subprocess.run([str(REPO_ROOT / "hack/registry.sh"), "status"], capture_output=True)
+    started = status.returncode != 0
+    subprocess.run([str(REPO_ROOT / "hack/test-images.sh")], check=True, capture_output=True)
+    yield REGISTRY
+    if started:
+        subprocess.run([str(REPO_ROOT / "hack/registry.sh"), "stop"], check=False, capture_output=True)
+
+
+@pytest.fixture
+def image_server(server_factory, local_registry) -> ServerProcess:
+    """A server whose docker.io and registry.k8s.io pulls go to the local registry."""
+    return server_factory(MIRRORS)

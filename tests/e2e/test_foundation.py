@@ -18,7 +18,16 @@ from cri_api.v1 import api_pb2 as cri
 from tests.e2e.conftest import wait_for
 
 # RPCs whose behaviour this test module covers; every other one must be UNIMPLEMENTED
-IMPLEMENTED = {"RuntimeService/Version", "RuntimeService/Status", "RuntimeService/RuntimeConfig"}
+IMPLEMENTED = {
+    "RuntimeService/Version",
+    "RuntimeService/Status",
+    "RuntimeService/RuntimeConfig",
+    "ImageService/PullImage",
+    "ImageService/ListImages",
+    "ImageService/ImageStatus",
+    "ImageService/RemoveImage",
+    "ImageService/ImageFsInfo",
+}
 
 
 def test_version(server):
@@ -112,7 +121,7 @@ def test_every_unbuilt_rpc_answers_unimplemented(server):
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, full
         assert method.name in err.value.details()
         checked += 1
-    assert checked > 25
+    assert checked > 20
 
 
 def test_sigterm_exits_zero_and_releases_the_socket(server_factory):
