@@ -385,3 +385,17 @@ def test_import_of_a_non_archive_fails_cleanly(image_server, tmp_path):
     result = _cli(image_server, "images", "import", str(junk))
     assert result.returncode == 1
     assert "junk.tar" in result.stderr
+
+
+def test_cancelled_pull_leaves_nothing_behind(image_server):
+    layer_digest = manifest_of("busybox")["layers"][0]["digest"]
+    with FakeRegistry({"library/busybox": layout("busybox")}) as registry:
+        registry.held.add(layer_digest)
+        with pytest.raises(grpc.RpcError) as err:
+            pull(image_server, f"127.0.0.1:{registry.port}/library/busybox:latest", timeout=2)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        registry.release.set()  # the download resumes, sees the cancel, and throws its work away
+        root = image_server.base / "root"
+        wait_for(lambda: stored(image_server) == (set(), set()) and not list((root / "content/ingest").iterdir()),
+                 what="the cancelled pull's blobs, temp snapshot and ingest file to go")
+    assert not status(image_server, f"127.0.0.1:{registry.port}/library/busybox:latest").HasField("image")
