@@ -130,7 +130,7 @@ def _images_import(args: argparse.Namespace) -> int:
         print(f"cri-py: import: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # grpc.RpcError from the daemon carries its message
-        details = getattr(exc, "details", lambda: str(exc))()
+        details = exc.details() if hasattr(exc, "details") else str(exc)
         print(f"cri-py: import: {details}", file=sys.stderr)
         return 1
     for image in result["images"]:
