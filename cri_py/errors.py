@@ -68,7 +68,7 @@ class Internal(CriError):
 def grpc_code_for(exc: BaseException) -> grpc.StatusCode:
     """The gRPC code a client sees for an exception raised by a handler."""
     if isinstance(exc, CriError):
-        return exc.code
+        return type(exc).code  # the class's: an instance attribute `code` may mean something else
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return grpc.StatusCode.DEADLINE_EXCEEDED
     if isinstance(exc, NotImplementedError):

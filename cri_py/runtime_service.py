@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import grpc
 from cri_api.v1 import api_pb2 as cri
@@ -18,6 +19,8 @@ from cri_api.v1 import api_pb2_grpc as cri_grpc
 from cri_py import __version__
 from cri_py.config import Config
 from cri_py.network.conf import NetworkConfigSource, NetworkNotReady
+from cri_py.sandbox import cri as sandbox_cri
+from cri_py.sandbox.manager import SandboxManager
 
 CRI_VERSION = "0.1.0"  # the version string every CRI runtime reports; the kubelet checks it
 RUNTIME_NAME = "cri-py"
@@ -62,9 +65,10 @@ class RuntimeHealth:
 class RuntimeService(cri_grpc.RuntimeServiceServicer):
     """RuntimeService: the runtime's identity and health; pods and containers follow."""
 
-    def __init__(self, config: Config, health: RuntimeHealth) -> None:
+    def __init__(self, config: Config, health: RuntimeHealth, sandboxes: SandboxManager) -> None:
         self.config = config
         self.health = health
+        self.sandboxes = sandboxes
 
     async def Version(self, request: cri.VersionRequest, context: grpc.aio.ServicerContext) -> cri.VersionResponse:
         return cri.VersionResponse(
@@ -97,3 +101,44 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     ) -> cri.RuntimeConfigResponse:
         driver = cri.SYSTEMD if self.config.runtime.cgroup_driver == "systemd" else cri.CGROUPFS
         return cri.RuntimeConfigResponse(linux=cri.LinuxRuntimeConfiguration(cgroup_driver=driver))
+
+    # --- pod sandboxes ---------------------------------------------------------------
+
+    async def RunPodSandbox(
+        self, request: cri.RunPodSandboxRequest, context: grpc.aio.ServicerContext
+    ) -> cri.RunPodSandboxResponse:
+        config = sandbox_cri.sandbox_config(request.config)
+        sandbox_id = await self.sandboxes.run(config, request.runtime_handler)
+        return cri.RunPodSandboxResponse(pod_sandbox_id=sandbox_id)
+
+    async def StopPodSandbox(
+        self, request: cri.StopPodSandboxRequest, context: grpc.aio.ServicerContext
+    ) -> cri.StopPodSandboxResponse:
+        await self.sandboxes.stop(request.pod_sandbox_id)
+        return cri.StopPodSandboxResponse()
+
+    async def RemovePodSandbox(
+        self, request: cri.RemovePodSandboxRequest, context: grpc.aio.ServicerContext
+    ) -> cri.RemovePodSandboxResponse:
+        await self.sandboxes.remove(request.pod_sandbox_id)
+        return cri.RemovePodSandboxResponse()
+
+    async def PodSandboxStatus(
+        self, request: cri.PodSandboxStatusRequest, context: grpc.aio.ServicerContext
+    ) -> cri.PodSandboxStatusResponse:
+        sandbox = self.sandboxes.get(request.pod_sandbox_id)
+        response = cri.PodSandboxStatusResponse(status=sandbox_cri.sandbox_status(sandbox), timestamp=time.time_ns())
+        if request.verbose:
+            response.info["info"] = json.dumps(self.sandboxes.info(sandbox))
+        return response
+
+    async def ListPodSandbox(
+        self, request: cri.ListPodSandboxRequest, context: grpc.aio.ServicerContext
+    ) -> cri.ListPodSandboxResponse:
+        flt = request.filter
+        items = [
+            sandbox_cri.sandbox_message(s)
+            for s in self.sandboxes.list()
+            if not request.HasField("filter") or sandbox_cri.matches(s, flt)
+        ]
+        return cri.ListPodSandboxResponse(items=items)

@@ -28,7 +28,10 @@ from cri_py.image.images import ImageManager
 from cri_py.image.service import ImageService
 from cri_py.metrics.http import MetricsServer
 from cri_py.metrics.registry import grpc_request_duration
+from cri_py.network.cni import Cni
 from cri_py.network.conf import NetworkConfigSource
+from cri_py.runtime.tasks import TaskManager, TaskState
+from cri_py.sandbox.manager import SandboxManager
 from cri_py.runtime_service import RuntimeHealth, RuntimeService
 from cri_py.store import Store
 
@@ -214,7 +217,14 @@ class CriServer:
         self.metrics = MetricsServer(config.metrics.address)
         self.grpc: grpc.aio.Server | None = None
         self.store: Store | None = None
+        self.tasks: TaskManager | None = None
+        self.sandboxes: SandboxManager | None = None
         self._lock_fd: int | None = None
+
+    async def _on_exit(self, state: TaskState) -> None:
+        """A task's init process exited: tell whoever owns that id."""
+        if self.sandboxes is not None and state.id in self.sandboxes.sandboxes:
+            await self.sandboxes.pause_exited(state.id)
 
     def _make_dirs(self) -> None:
         os.makedirs(self.config.root, mode=0o711, exist_ok=True)
@@ -229,6 +239,12 @@ class CriServer:
         self.store = Store(self.config.root)
         images = ImageManager(self.config, self.store)
         await images.load()
+        self.tasks = TaskManager(self.config.state, on_exit=self._on_exit)
+        restored = await self.tasks.restore()
+        # under root, not state: after a reboot DEL still frees IPAM allocations on disk
+        cni = Cni(self.config.cni.bin_dirs, os.path.join(self.config.root, "cni", "results"))
+        self.sandboxes = SandboxManager(self.config, self.store, images, self.tasks, cni, self.networks)
+        await self.sandboxes.load({t.id: t.status for t in restored})
         try:
             self.metrics.start()
         except OSError as exc:
@@ -241,7 +257,7 @@ class CriServer:
             ],
         )
         health = RuntimeHealth(self.config, self.networks)
-        cri_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(self.config, health), server)
+        cri_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(self.config, health, self.sandboxes), server)
         cri_grpc.add_ImageServiceServicer_to_server(ImageService(images), server)
         server.add_generic_rpc_handlers([admin.handler(images)])
         old_umask = os.umask(0o177)  # no window where the socket is world-connectable
@@ -261,6 +277,8 @@ class CriServer:
             await self.grpc.stop(SHUTDOWN_GRACE_SECONDS)
             self.grpc = None
         self.metrics.stop()
+        if self.tasks is not None:
+            await self.tasks.close()  # connections only: shims and containers keep running
         try:
             os.unlink(self.config.socket_path)
         except FileNotFoundError:

@@ -9,7 +9,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
 packages=(
-  runc containernetworking-plugins iproute2 iptables
+  runc containernetworking-plugins iproute2 iptables util-linux
   busybox-static docker-registry apache2-utils
   gcc libc6-dev zstd curl ca-certificates
   python3 python3-venv python3-dev
@@ -40,5 +40,35 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e '.[test]'
+
+# A default pod network so the quick start runs pods out of the box: only when the
+# CNI config dir has no config at all (an existing network add-on is never touched).
+conf_dir=/etc/cni/net.d
+if [ -z "$(ls -A "$conf_dir" 2>/dev/null | grep -E '\.(conf|conflist|json)$' || true)" ]; then
+  mkdir -p "$conf_dir"
+  cat >"$conf_dir/10-cri-py.conflist" <<'CONF'
+{
+  "cniVersion": "1.0.0",
+  "name": "cri-py",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "cripy0",
+      "isGateway": true,
+      "ipMasq": true,
+      "hairpinMode": true,
+      "ipam": {
+        "type": "host-local",
+        "ranges": [[{"subnet": "10.88.0.0/16"}]],
+        "routes": [{"dst": "0.0.0.0/0"}]
+      }
+    },
+    {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true},
+    {"type": "bandwidth", "capabilities": {"bandwidth": true}}
+  ]
+}
+CONF
+  echo "install.sh: wrote the default pod network $conf_dir/10-cri-py.conflist (bridge cripy0, 10.88.0.0/16)"
+fi
 
 echo "install.sh: done; start the server with: .venv/bin/cri-py serve"

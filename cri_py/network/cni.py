@@ -103,7 +103,7 @@ class CniError(errors.Internal):
         super().__init__(message)
         self.plugin = plugin
         self.command = command
-        self.code = code
+        self.cni_code = code  # not `code`: that is the gRPC status every CriError carries
         self.msg = msg
         self.details = details
         self.stderr = stderr

@@ -7,6 +7,7 @@ server it started, by PID.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -20,6 +21,8 @@ from pathlib import Path
 import grpc
 import pytest
 from cri_api.v1 import api_pb2_grpc as cri_grpc
+
+from cri_py.network.netns import release_netns_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -58,6 +61,7 @@ class ServerProcess:
     base: Path
     extra_config: str = ""
     metrics: bool = True
+    cni_bin_dirs: list[str] | None = None
     proc: subprocess.Popen | None = None
     metrics_port: int = field(default_factory=free_port)
 
@@ -86,7 +90,8 @@ class ServerProcess:
             f'[metrics]\naddress = "{f"127.0.0.1:{self.metrics_port}" if self.metrics else ""}"\n'
             f'[streaming]\nport = {free_port()}\n'
             f'[cni]\nconf_dir = "{self.conf_dir}"\n'
-            f'[log]\nlevel = "debug"\n' + self.extra_config
+            + (f"bin_dirs = {json.dumps(self.cni_bin_dirs)}\n" if self.cni_bin_dirs else "")
+            +             f'[log]\nlevel = "debug"\n' + self.extra_config
         )
 
     def start(self, wait: bool = True) -> "ServerProcess":
@@ -151,6 +156,8 @@ def server_factory(tmp_path) -> Iterator:
         if server.proc is not None and server.proc.poll() is None:
             server.proc.kill()
             server.proc.wait()
+        # the daemon keeps its netns dir a private mount point for its whole life
+        release_netns_dir(str(server.base / "state" / "netns"))
 
 
 @pytest.fixture

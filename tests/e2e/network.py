@@ -102,11 +102,18 @@ class PodNetwork:
         self.bin_dir.mkdir(parents=True, exist_ok=True)
         self.runc_root = base / "runc"
 
-    def server_config(self) -> str:
-        """Config lines: our fake plugins first, then the system's; a private runc root."""
-        dirs = json.dumps([str(self.bin_dir), *SYSTEM_CNI_DIRS])
-        return f'\n[cni]\nbin_dirs = {dirs}\n[runtime.handlers.runc]\nroot = "{self.runc_root}"\n'
+    @property
+    def bin_dirs(self) -> list[str]:
+        """Our fake plugins first, then the system's."""
+        return [str(self.bin_dir), *SYSTEM_CNI_DIRS]
 
+    def server_config(self) -> str:
+        """Config lines: a private runc root, so no test sees another's containers."""
+        return f'\n[runtime.handlers.runc]\nroot = "{self.runc_root}"\n'
+
+    def attach(self, server) -> None:  # noqa: ANN001 - tests.e2e.conftest.ServerProcess
+        """Point a not-yet-started server at this network."""
+        server.cni_bin_dirs = self.bin_dirs
     def write_conflist(self, conf_dir: Path, fail_after_bridge: bool = False, slow_seconds: float = 0) -> None:
         bridge_type = "bridge"
         if slow_seconds:

@@ -343,7 +343,7 @@ async def test_add_failure_halfway_leaves_no_allocation(lab: Lab):
     links_before = link_names()
     with pytest.raises(CniError) as info:
         await lab.add(network, req)
-    assert info.value.plugin == "cripy-fail" and info.value.code == 100 and "injected failure" in str(info.value)
+    assert info.value.plugin == "cripy-fail" and info.value.cni_code == 100 and "injected failure" in str(info.value)
     assert allocations(lab.data_dir) == []
     assert lab.cni.cached(req.container_id) is None
     assert set(netns.interface_stats(ns)) == {"lo"}  # eth0 removed by the bridge plugin's DEL

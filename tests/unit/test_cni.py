@@ -204,7 +204,7 @@ def test_error_json_parsing():
     stdout = json.dumps({"cniVersion": "1.0.0", "code": 7, "msg": "failed to allocate", "details": "range full"})
     err = parse_plugin_error("host-local", "ADD", 1, stdout.encode(), b"some log line\n")
     assert isinstance(err, errors.Internal)
-    assert (err.plugin, err.command, err.code, err.msg, err.details) == (
+    assert (err.plugin, err.command, err.cni_code, err.msg, err.details) == (
         "host-local",
         "ADD",
         7,
@@ -216,7 +216,7 @@ def test_error_json_parsing():
         assert part in str(err)
 
     err = parse_plugin_error("bridge", "DEL", 2, b"panic: boom", b"")
-    assert err.code is None and "panic: boom" in str(err)
+    assert err.cni_code is None and "panic: boom" in str(err)
     err = parse_plugin_error("bridge", "DEL", 3, b"", b"")
     assert "exit status 3" in str(err)
 
@@ -317,7 +317,7 @@ async def test_failed_delete_keeps_cache_and_runs_every_plugin(fakes: Fakes):
     await cni.add(net, request())
     with pytest.raises(CniError) as info:
         await cni.delete(net, request())
-    assert info.value.plugin == "b" and info.value.code == 11
+    assert info.value.plugin == "b" and info.value.cni_code == 11
     assert fakes.calls()[2:] == ["b DEL", "a DEL"]
     assert cni.cached(CID) is not None  # the kubelet's retry tears down with the same config
     (fakes.rec / "b.DEL.rc").unlink()
@@ -336,7 +336,7 @@ async def test_add_failure_halfway_deletes_whole_chain(fakes: Fakes):
     with pytest.raises(CniError) as info:
         await cni.add(net, request(netns="/some/ns"))
     err = info.value
-    assert (err.plugin, err.command, err.code, err.msg, err.stderr) == ("bad", "ADD", 999, "no way", "oops")
+    assert (err.plugin, err.command, err.cni_code, err.msg, err.stderr) == ("bad", "ADD", 999, "no way", "oops")
     assert fakes.calls() == ["ipam ADD", "bad ADD", "never DEL", "bad DEL", "ipam DEL"]
     assert cni.cached(CID) is None
     assert not fakes.cache.exists() or list(fakes.cache.iterdir()) == []

@@ -1,0 +1,94 @@
+"""The daemon's side of a shim's socket: requests in, domain errors out.
+
+A connection is cheap (a unix connect), so most calls open one, ask once and close.
+A shim that is not there (no socket, refused, or hung up without an answer) is a
+ShimGone: the caller decides whether that is an error or a reason to look at the
+files the shim left (exit.json, create-error.json).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from cri_py import errors
+from cri_py.shim import protocol as p
+
+DEFAULT_TIMEOUT = 30.0
+
+_KIND_ERRORS: dict[str, type[errors.CriError]] = {
+    p.NOT_FOUND: errors.NotFound,
+    p.FAILED_PRECONDITION: errors.FailedPrecondition,
+    p.INVALID_ARGUMENT: errors.InvalidArgument,
+    p.INTERNAL: errors.Internal,
+}
+
+
+class ShimGone(Exception):
+    """The shim could not be reached, or hung up before answering."""
+
+
+def error_for(reply: dict[str, Any]) -> errors.CriError:
+    """The domain error a failed answer stands for."""
+    cls = _KIND_ERRORS.get(str(reply.get("kind")), errors.Internal)
+    return cls(str(reply.get("error") or "shim reported an unspecified error"))
+
+
+class ShimConnection:
+    """One open connection to a shim; requests on it are answered in order."""
+
+    def __init__(self, task_dir: str) -> None:
+        self.path = os.path.join(task_dir, p.SHIM_SOCKET)
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def __aenter__(self) -> "ShimConnection":
+        try:
+            with p.UnixPath(self.path) as usable:
+                self._reader, self._writer = await asyncio.open_unix_connection(
+                    usable, limit=p.MAX_LINE
+                )
+        except (FileNotFoundError, ConnectionError, OSError) as exc:
+            raise ShimGone(f"cannot connect to {self.path}: {exc}") from None
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            try:
+                await self._writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+    async def raw(
+        self, message: dict[str, Any], timeout: float | None = DEFAULT_TIMEOUT
+    ) -> dict[str, Any]:
+        """Send one request; its answer as sent (ok or not). ShimGone on hang-up."""
+        assert self._reader is not None and self._writer is not None
+        try:
+            self._writer.write(p.encode(message))
+            await self._writer.drain()
+            line = await asyncio.wait_for(self._reader.readline(), timeout)
+        except (ConnectionError, OSError) as exc:
+            raise ShimGone(f"{self.path}: {exc}") from None
+        if not line.endswith(b"\n"):
+            raise ShimGone(f"{self.path}: the shim hung up before answering {message.get('op')}")
+        return p.decode(line)
+
+    async def request(
+        self, message: dict[str, Any], timeout: float | None = DEFAULT_TIMEOUT
+    ) -> dict[str, Any]:
+        """Send one request; its answer, or the domain error it reports."""
+        reply = await self.raw(message, timeout)
+        if not reply.get("ok"):
+            raise error_for(reply)
+        return reply
+
+
+async def call(
+    task_dir: str, message: dict[str, Any], timeout: float | None = DEFAULT_TIMEOUT
+) -> dict[str, Any]:
+    """Connect, ask once, close."""
+    async with ShimConnection(task_dir) as conn:
+        return await conn.request(message, timeout)
