@@ -142,8 +142,13 @@ def _open_shim_log(task_dir: str) -> int:
     return os.open(os.path.join(task_dir, p.SHIM_LOG), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
 
+# Shims this process exec'd (exec mode): we are their parent, so we keep their Popen
+# objects until they have exited and were collected, however long that takes.
+_exec_shims: list[subprocess.Popen[bytes]] = []
+
+
 class ExecSpawner:
-    """One `python ... shim` exec per task (no launcher): simple, ~7 MB each."""
+    """One `python ... shim` exec per task (no launcher): simple, ~5 MB each."""
 
     async def spawn(self, task_dir: str) -> ShimHandle:
         """Bind the socket here and pass it down, so it listens before we return."""
@@ -161,10 +166,12 @@ class ExecSpawner:
         finally:
             listener.close()
             os.close(logfd)
+        _exec_shims[:] = [x for x in _exec_shims if x.poll() is None] + [popen]
         return ShimHandle(popen.pid, os.pidfd_open(popen.pid), popen)
 
     async def close(self) -> None:
-        """Nothing shared to release."""
+        """Collect the shims that have exited; running ones stay referenced."""
+        _exec_shims[:] = [x for x in _exec_shims if x.poll() is None]
 
 
 # Launchers this process started (it is their parent and must collect them): a

@@ -57,6 +57,22 @@ class _Creation:
     orphaned: bool = False
 
 
+class _StepTimer:
+    """Milliseconds per step of a pod start, for the debug log (where did 100 ms go?)."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self._steps: list[str] = []
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self._steps.append(f"{name} {(now - self._last) * 1000:.1f}ms")
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(self._steps)
+
+
 def validate(cfg: SandboxConfig) -> None:
     """The CRI requires metadata name, namespace and uid."""
     for field_name in ("name", "namespace", "uid"):
@@ -191,27 +207,54 @@ class SandboxManager:
 
     async def _build(self, sandbox: Sandbox) -> None:
         cfg = sandbox.config
-        await self._save(sandbox)  # the intent: a crash from here on is cleaned up at start
+        steps = _StepTimer()
+        network = None if cfg.host_network else self._network()
+        self._plan(sandbox, network.name if network else "")
+        # the intent, naming every path this creation may make: a crash from here on
+        # is undone at start by the same teardown, so one record write suffices
+        await self._save(sandbox)
         image = await self._sandbox_image()
         sandbox.image_id = image.id
-        if not cfg.host_network:
-            await self._setup_network(sandbox)
-        sandbox.files_dir = self._root_dir(sandbox.id)
+        steps.mark("record+image")
+        if network is not None:
+            await asyncio.to_thread(create_netns, sandbox.netns_path)
+            result = await self.cni.add(network, self._cni_request(sandbox))
+            if result.ips:
+                sandbox.ip, sandbox.additional_ips = result.ips[0], result.ips[1:]
+            steps.mark("network")
         await asyncio.to_thread(
             write_sandbox_files, sandbox.files_dir, pod_hostname(cfg.hostname, cfg.host_network), cfg.dns
         )
-        state_dir = self._state_dir(sandbox.id)
-        os.makedirs(state_dir, mode=0o711, exist_ok=True)
-        if cfg.ipc_mode != NODE:
-            shm = os.path.join(state_dir, "shm")
-            os.makedirs(shm, exist_ok=True)
-            sandbox.shm_path = shm
-            await self._save(sandbox)
-            mount.mount_tmpfs(shm, SHM_SIZE)
+        if sandbox.shm_path:
+            os.makedirs(sandbox.shm_path, exist_ok=True)
+            mount.mount_tmpfs(sandbox.shm_path, SHM_SIZE)
         await self._mount_rootfs(sandbox, image)
+        steps.mark("files+mounts")
         await self._start_pause(sandbox, image)
+        steps.mark("pause")
         sandbox.state = READY
         await self._save(sandbox)
+        steps.mark("ready")
+        log.debug("sandbox %s (%s) started: %s", sandbox.id[:12], cfg.full_name, steps)
+
+    def _plan(self, sandbox: Sandbox, network_name: str) -> None:
+        """Fill in every path the sandbox will use; they derive from its id alone."""
+        state_dir = self._state_dir(sandbox.id)
+        if network_name:
+            sandbox.netns_path = self._netns_path(sandbox.id)
+            sandbox.cni_network = network_name
+        if sandbox.config.ipc_mode != NODE:
+            sandbox.shm_path = os.path.join(state_dir, "shm")
+        sandbox.rootfs_path = os.path.join(state_dir, "rootfs")
+        sandbox.bundle = os.path.join(state_dir, "bundle")
+        sandbox.files_dir = self._root_dir(sandbox.id)
+
+    def _network(self) -> Any:
+        """The pod network to join now; a node without one cannot start pods."""
+        try:
+            return self.networks.get()
+        except NetworkNotReady as exc:
+            raise FailedPrecondition(f"network is not ready: {exc}") from None
 
     async def _sandbox_image(self) -> ImageRecord:
         """The pause image, pulled when absent (and pinned: the kubelet must not GC it)."""
@@ -221,20 +264,6 @@ class SandboxManager:
             log.info("sandbox image %s is not present, pulling it", name)
             image = await self.images.pull(name)
         return image
-
-    async def _setup_network(self, sandbox: Sandbox) -> None:
-        try:
-            network = self.networks.get()
-        except NetworkNotReady as exc:
-            raise FailedPrecondition(f"network is not ready: {exc}") from None
-        sandbox.netns_path = self._netns_path(sandbox.id)
-        sandbox.cni_network = network.name
-        await self._save(sandbox)
-        await asyncio.to_thread(create_netns, sandbox.netns_path)
-        result = await self.cni.add(network, self._cni_request(sandbox))
-        if result.ips:
-            sandbox.ip, sandbox.additional_ips = result.ips[0], result.ips[1:]
-        await self._save(sandbox)
 
     def _cni_request(self, sandbox: Sandbox) -> CniRequest:
         cfg = sandbox.config
@@ -266,13 +295,11 @@ class SandboxManager:
 
     async def _mount_rootfs(self, sandbox: Sandbox, image: ImageRecord) -> None:
         state_dir = self._state_dir(sandbox.id)
-        rootfs, upper, work = (os.path.join(state_dir, d) for d in ("rootfs", "upper", "work"))
-        for path in (rootfs, upper, work):
+        upper, work = os.path.join(state_dir, "upper"), os.path.join(state_dir, "work")
+        for path in (sandbox.rootfs_path, upper, work):
             os.makedirs(path, exist_ok=True)
         lowers = [self.images.snapshots.path(chain_id) for chain_id in reversed(image.chain_ids)]
-        sandbox.rootfs_path = rootfs
-        await self._save(sandbox)
-        mount.mount_overlay(lowers, upper, work, rootfs)
+        mount.mount_overlay(lowers, upper, work, sandbox.rootfs_path)
 
     async def _start_pause(self, sandbox: Sandbox, image: ImageRecord) -> None:
         runtime_config = image.config.get("config") or {}
@@ -283,23 +310,19 @@ class SandboxManager:
             sandbox, sandbox.rootfs_path, args, list(runtime_config.get("Env") or []),
             str(runtime_config.get("User") or ""), self.config.runtime.cgroup_driver,
         )
-        bundle = os.path.join(self._state_dir(sandbox.id), "bundle")
-        os.makedirs(bundle, exist_ok=True)
-        atomic_write(os.path.join(bundle, "config.json"), json.dumps(spec).encode(), 0o644)
-        sandbox.bundle = bundle
-        await self._save(sandbox)
+        os.makedirs(sandbox.bundle, exist_ok=True)
+        atomic_write(os.path.join(sandbox.bundle, "config.json"), json.dumps(spec).encode(), 0o644)
         handler = self.config.handler(sandbox.runtime_handler)
         assert handler is not None  # checked in run()
         task_spec = TaskSpec(
             id=sandbox.id,
-            bundle=bundle,
+            bundle=sandbox.bundle,
             runtime_binary=handler.binary or self.config.runtime.runc,
             runtime_root=handler.root,
             runtime_args=list(handler.extra_args),
         )
         state = await self.tasks.create(task_spec)
         sandbox.pid = state.pid
-        await self._save(sandbox)
         await self.tasks.start(sandbox.id)
 
     # --- stop and remove -----------------------------------------------------------

@@ -259,7 +259,8 @@ class Shim:
         """SIGCHLD wakes the loop through a pipe; terminal signals are ignored.
 
         A Python-level handler must exist for the wakeup fd to be written; the
-        handler itself does nothing, reaping happens in the loop.
+        handler itself does nothing, reaping happens in the loop. SIGTERM keeps its
+        default: an operator can still stop a shim (the container lives on).
         """
         r, w = os.pipe()
         os.set_blocking(r, False)
@@ -294,7 +295,8 @@ class Shim:
             if code != 0:
                 self.create_failed(argv, code)
                 return False
-            self.init_pid = int(open(self.path(p.INIT_PID_FILE)).read().strip())
+            with open(self.path(p.INIT_PID_FILE)) as fh:
+                self.init_pid = int(fh.read().strip())
             if console is not None:
                 self.io.attach_console(console.receive())
         except Exception as exc:  # noqa: BLE001 - every failure must reach the daemon

@@ -194,3 +194,43 @@ def local_registry() -> Iterator[str]:
 def image_server(server_factory, local_registry) -> ServerProcess:
     """A server whose docker.io and registry.k8s.io pulls go to the local registry."""
     return server_factory(MIRRORS)
+
+
+def _our_processes() -> dict[int, str]:
+    """cri-py daemons, shims and launchers, and runc, by pid."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "cri_py" in cmdline or cmdline.startswith(("runc ", "/usr/sbin/runc ")):
+            found[int(entry)] = cmdline
+    return found
+
+
+def _test_mounts() -> list[str]:
+    with open("/proc/self/mountinfo") as fh:
+        return [line.split()[4] for line in fh if "/pytest-of-" in line.split()[4]]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_leaks():
+    """After the whole session: no process, mount or bridge any test made is left."""
+    before = set(_our_processes())
+    yield
+    leftovers: list[str] = []
+
+    def settled():
+        leftovers[:] = [f"pid {pid}: {cmd[:120]}" for pid, cmd in _our_processes().items() if pid not in before]
+        leftovers.extend(f"mount {m}" for m in _test_mounts())
+        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+        leftovers.extend(f"link {line.split(':')[1].strip()}" for line in links.splitlines() if ": cripy" in line)
+        return not leftovers
+
+    try:
+        wait_for(settled, timeout=15, what="test leftovers to go")
+    except AssertionError:
+        raise AssertionError("the e2e tests left things behind:\n" + "\n".join(leftovers)) from None
