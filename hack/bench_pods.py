@@ -2,8 +2,8 @@
 """Benchmark: RunPodSandbox latency and per-pod memory, beside the floor of the same run.
 
 - floor: what a pod start cannot avoid: a fresh netns (`ip netns add`), CNI ADD with
-  the same bridge + host-local plugins (run directly), and `runc run -d` of the pause
-  bundle on an already-unpacked rootfs.
+  the same bridge + host-local plugins (run directly), and `runc run -d` of the same
+  pause spec cri-py writes, on an already-unpacked rootfs.
 - cri-py: RunPodSandbox over 50 sequential pods, then 110 pods 10 at a time.
 - memory: the daemon's PSS and the shims' PSS with 110 pods running.
 
@@ -84,8 +84,12 @@ def _cni(command: str, netns: str, cid: str, conf: dict, prev: dict | None = Non
     return result or {}
 
 
-def floor(runs: int, work: Path) -> list[float]:
-    """ip netns add + CNI ADD + runc run -d of pause, per pod; torn down untimed."""
+def floor(runs: int, work: Path, pause_spec: dict) -> list[float]:
+    """ip netns add + CNI ADD + `runc run -d` of cri-py's own pause spec, per pod.
+
+    The spec is the one cri-py wrote for a pod, pointed at a plain unpacked rootfs,
+    the floor's netns and a cgroup of its own; teardown is untimed.
+    """
     layout = REPO / "build/images/pause"
     index = json.loads((layout / "index.json").read_text())
     manifest = json.loads((layout / "blobs/sha256" / index["manifests"][0]["digest"][7:]).read_text())
@@ -100,16 +104,15 @@ def floor(runs: int, work: Path) -> list[float]:
         name, cid = f"cripy-bench-{os.getpid()}-{i}", f"floor{i:04d}"
         bundle = work / f"floor-bundle-{i}"
         bundle.mkdir()
-        spec = {
-            "ociVersion": "1.0.2",
-            "process": {"user": {"uid": 65535, "gid": 65535}, "args": ["/pause"], "cwd": "/",
-                        "env": ["PATH=/bin"], "capabilities": {"bounding": [], "effective": [], "permitted": []}},
-            "root": {"path": str(rootfs), "readonly": True},
-            "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
-            "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-                                     {"type": "network", "path": f"/run/netns/{name}"}],
-                      "cgroupsPath": f"/cri-py-bench/{cid}"},
-        }
+        spec = json.loads(json.dumps(pause_spec))
+        spec["root"]["path"] = str(rootfs)
+        spec["linux"]["cgroupsPath"] = f"/cri-py-bench/{cid}"
+        for ns in spec["linux"]["namespaces"]:
+            if ns["type"] == "network":
+                ns["path"] = f"/run/netns/{name}"
+        for m in spec["mounts"]:
+            if m["destination"] == "/dev/shm":
+                m.update(type="tmpfs", source="shm", options=["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"])
         (bundle / "config.json").write_text(json.dumps(spec))
         start = time.perf_counter()
         subprocess.run(["ip", "netns", "add", name], check=True)
@@ -190,12 +193,13 @@ def main() -> None:
     forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()
     server = None
     try:
-        floor_times = floor(args.sequential, work)
         server, sock = start_server(work)
         with grpc.insecure_channel(f"unix://{sock}") as channel:
             runtime = cri_grpc.RuntimeServiceStub(channel)
             sid, _ = timed_run(runtime, pod(0, "warm"))  # pulls the pause image once, untimed
+            pause_spec = json.loads((work / "state/sandboxes" / sid / "bundle/config.json").read_text())
             remove_all(runtime, [sid])
+            floor_times = floor(args.sequential, work, pause_spec)
             seq = []
             for i in range(args.sequential):
                 sid, elapsed = timed_run(runtime, pod(i, "seq"))

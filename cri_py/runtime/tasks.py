@@ -55,6 +55,7 @@ class TaskSpec:
     stdin: bool = False
     stdin_once: bool = False
     systemd_cgroup: bool = False  # runc --systemd-cgroup (cgroup_driver = "systemd")
+    start: bool = False  # create and start in one `runc run --detach` (a pause: nothing to wait for)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "TaskSpec":

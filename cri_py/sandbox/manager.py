@@ -320,10 +320,11 @@ class SandboxManager:
             runtime_binary=handler.binary or self.config.runtime.runc,
             runtime_root=handler.root,
             runtime_args=list(handler.extra_args),
+            systemd_cgroup=self.config.runtime.cgroup_driver == "systemd",
+            start=True,
         )
         state = await self.tasks.create(task_spec)
         sandbox.pid = state.pid
-        await self.tasks.start(sandbox.id)
 
     # --- stop and remove -----------------------------------------------------------
 
