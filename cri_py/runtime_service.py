@@ -7,6 +7,7 @@ fake success.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -19,6 +20,8 @@ from cri_api.v1 import api_pb2_grpc as cri_grpc
 from cri_py import __version__
 from cri_py.config import Config
 from cri_py.network.conf import NetworkConfigSource, NetworkNotReady
+from cri_py.container import cri as container_cri
+from cri_py.container.manager import ContainerManager
 from cri_py.sandbox import cri as sandbox_cri
 from cri_py.sandbox.manager import SandboxManager
 
@@ -65,10 +68,13 @@ class RuntimeHealth:
 class RuntimeService(cri_grpc.RuntimeServiceServicer):
     """RuntimeService: the runtime's identity and health; pods and containers follow."""
 
-    def __init__(self, config: Config, health: RuntimeHealth, sandboxes: SandboxManager) -> None:
+    def __init__(
+        self, config: Config, health: RuntimeHealth, sandboxes: SandboxManager, containers: ContainerManager
+    ) -> None:
         self.config = config
         self.health = health
         self.sandboxes = sandboxes
+        self.containers = containers
 
     async def Version(self, request: cri.VersionRequest, context: grpc.aio.ServicerContext) -> cri.VersionResponse:
         return cri.VersionResponse(
@@ -142,3 +148,78 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
             if not request.HasField("filter") or sandbox_cri.matches(s, flt)
         ]
         return cri.ListPodSandboxResponse(items=items)
+
+    # --- containers --------------------------------------------------------------------
+
+    async def CreateContainer(
+        self, request: cri.CreateContainerRequest, context: grpc.aio.ServicerContext
+    ) -> cri.CreateContainerResponse:
+        config = container_cri.container_config(request.config)
+        container_id = await self.containers.create(request.pod_sandbox_id, config)
+        return cri.CreateContainerResponse(container_id=container_id)
+
+    async def StartContainer(
+        self, request: cri.StartContainerRequest, context: grpc.aio.ServicerContext
+    ) -> cri.StartContainerResponse:
+        await self.containers.start(request.container_id)
+        return cri.StartContainerResponse()
+
+    async def StopContainer(
+        self, request: cri.StopContainerRequest, context: grpc.aio.ServicerContext
+    ) -> cri.StopContainerResponse:
+        await self.containers.stop(request.container_id, float(request.timeout))
+        return cri.StopContainerResponse()
+
+    async def RemoveContainer(
+        self, request: cri.RemoveContainerRequest, context: grpc.aio.ServicerContext
+    ) -> cri.RemoveContainerResponse:
+        await self.containers.remove(request.container_id)
+        return cri.RemoveContainerResponse()
+
+    async def ListContainers(
+        self, request: cri.ListContainersRequest, context: grpc.aio.ServicerContext
+    ) -> cri.ListContainersResponse:
+        has_filter = request.HasField("filter")
+        items = [
+            container_cri.container_message(c, self.containers.image_name(c))
+            for c in self.containers.list()
+            if not has_filter or container_cri.matches(c, request.filter)
+        ]
+        return cri.ListContainersResponse(containers=items)
+
+    async def ContainerStatus(
+        self, request: cri.ContainerStatusRequest, context: grpc.aio.ServicerContext
+    ) -> cri.ContainerStatusResponse:
+        container = self.containers.get(request.container_id)
+        response = cri.ContainerStatusResponse(
+            status=container_cri.container_status(container, self.containers.image_name(container))
+        )
+        if request.verbose:
+            try:
+                with open(os.path.join(container.bundle, "config.json"), encoding="utf-8") as fh:
+                    runtime_spec = json.load(fh)
+            except OSError:
+                runtime_spec = None
+            response.info["info"] = json.dumps(
+                {"pid": container.pid, "sandboxID": container.sandbox_id, "runtimeSpec": runtime_spec}
+            )
+        return response
+
+    async def UpdateContainerResources(
+        self, request: cri.UpdateContainerResourcesRequest, context: grpc.aio.ServicerContext
+    ) -> cri.UpdateContainerResourcesResponse:
+        resources = container_cri.resources_from(request.linux)
+        await self.containers.update_resources(request.container_id, resources)
+        return cri.UpdateContainerResourcesResponse()
+
+    async def ExecSync(self, request: cri.ExecSyncRequest, context: grpc.aio.ServicerContext) -> cri.ExecSyncResponse:
+        result = await self.containers.exec_sync(request.container_id, list(request.cmd), float(request.timeout))
+        if result.timed_out:
+            raise asyncio.TimeoutError(f"command {list(request.cmd)} timed out after {request.timeout}s")
+        return cri.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
+
+    async def ReopenContainerLog(
+        self, request: cri.ReopenContainerLogRequest, context: grpc.aio.ServicerContext
+    ) -> cri.ReopenContainerLogResponse:
+        await self.containers.reopen_log(request.container_id)
+        return cri.ReopenContainerLogResponse()

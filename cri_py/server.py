@@ -31,6 +31,7 @@ from cri_py.metrics.registry import grpc_request_duration
 from cri_py.network.cni import Cni
 from cri_py.network.conf import NetworkConfigSource
 from cri_py.runtime.tasks import TaskManager, TaskState
+from cri_py.container.manager import ContainerManager
 from cri_py.sandbox.manager import SandboxManager
 from cri_py.runtime_service import RuntimeHealth, RuntimeService
 from cri_py.store import Store
@@ -219,12 +220,15 @@ class CriServer:
         self.store: Store | None = None
         self.tasks: TaskManager | None = None
         self.sandboxes: SandboxManager | None = None
+        self.containers: ContainerManager | None = None
         self._lock_fd: int | None = None
 
     async def _on_exit(self, state: TaskState) -> None:
         """A task's init process exited: tell whoever owns that id."""
         if self.sandboxes is not None and state.id in self.sandboxes.sandboxes:
             await self.sandboxes.pause_exited(state.id)
+        elif self.containers is not None and state.id in self.containers.containers:
+            await self.containers.task_exited(state)
 
     def _make_dirs(self) -> None:
         os.makedirs(self.config.root, mode=0o711, exist_ok=True)
@@ -240,11 +244,16 @@ class CriServer:
         images = ImageManager(self.config, self.store)
         await images.load()
         self.tasks = TaskManager(self.config.state, on_exit=self._on_exit)
-        restored = await self.tasks.restore()
         # under root, not state: after a reboot DEL still frees IPAM allocations on disk
         cni = Cni(self.config.cni.bin_dirs, os.path.join(self.config.root, "cni", "results"))
         self.sandboxes = SandboxManager(self.config, self.store, images, self.tasks, cni, self.networks)
-        await self.sandboxes.load({t.id: t.status for t in restored})
+        self.containers = ContainerManager(self.config, self.store, images, self.sandboxes, self.tasks)
+        # records first, so exits the shims saw while we were down find their owners
+        interrupted_sandboxes = await self.sandboxes.load_records()
+        interrupted_containers = await self.containers.load()
+        restored = {t.id: t for t in await self.tasks.restore()}
+        await self.containers.reconcile(interrupted_containers, restored)
+        await self.sandboxes.reconcile(interrupted_sandboxes, {k: t.status for k, t in restored.items()})
         try:
             self.metrics.start()
         except OSError as exc:
@@ -257,7 +266,7 @@ class CriServer:
             ],
         )
         health = RuntimeHealth(self.config, self.networks)
-        cri_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(self.config, health, self.sandboxes), server)
+        cri_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(self.config, health, self.sandboxes, self.containers), server)
         cri_grpc.add_ImageServiceServicer_to_server(ImageService(images), server)
         server.add_generic_rpc_handlers([admin.handler(images)])
         old_umask = os.umask(0o177)  # no window where the socket is world-connectable

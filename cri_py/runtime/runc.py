@@ -9,9 +9,12 @@ the command line, how it ended, and runc's own message. Every failure is a RuncE
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 from cri_py import errors
@@ -183,3 +186,74 @@ def _read_log_errors(path: str) -> str:
             return shim_runc.json_log_errors(fh.read())
     except OSError:
         return ""
+
+
+EXEC_DRAIN_SECONDS = 1.0  # output a background child keeps writing after the command exits
+
+
+@dataclass
+class ExecResult:
+    """What an ExecSync returns: the exit code and everything the command printed."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+
+
+async def _read_all(stream: asyncio.StreamReader, sink: list[bytes]) -> None:
+    while chunk := await stream.read(1 << 16):
+        sink.append(chunk)
+
+
+async def exec_sync(
+    runc: Runc, id: str, process: dict[str, Any], timeout: float | None, pid_file: str
+) -> ExecResult:
+    """`runc exec --process` with pipes, for probes and `crictl exec -s`.
+
+    The timeout is honoured by killing the exec'd process itself (its host pid comes
+    from --pid-file); killing runc alone would leave the process running. When the
+    command exits while a background child still holds its stdout, the output is
+    drained for a short while only, so a probe never hangs on a daemonized child.
+    """
+    fd, process_file = tempfile.mkstemp(prefix=".exec-", suffix=".json", dir=os.path.dirname(pid_file))
+    with os.fdopen(fd, "w") as fh:
+        json.dump(process, fh)
+    argv = runc.command.argv("exec", "--process", process_file, "--pid-file", pid_file, id)
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out: list[bytes] = []
+    err: list[bytes] = []
+    readers = [asyncio.ensure_future(_read_all(proc.stdout, out)), asyncio.ensure_future(_read_all(proc.stderr, err))]
+    timed_out = False
+    try:
+        try:
+            await asyncio.wait_for(proc.wait(), timeout if timeout and timeout > 0 else None)
+        except asyncio.TimeoutError:
+            timed_out = True
+            _kill_pid_file(pid_file)
+            await proc.wait()
+        await asyncio.wait(readers, timeout=EXEC_DRAIN_SECONDS)
+    finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        if proc.returncode is None:
+            _kill_pid_file(pid_file)
+            proc.kill()
+            await proc.wait()
+        for path in (process_file, pid_file):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    return ExecResult(proc.returncode if not timed_out else -1, b"".join(out), b"".join(err), timed_out)
+
+
+def _kill_pid_file(pid_file: str) -> None:
+    """SIGKILL the exec'd process named by runc's pid file, if it got that far."""
+    try:
+        with open(pid_file) as fh:
+            pid = int(fh.read().strip())
+        os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+        pass

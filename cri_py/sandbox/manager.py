@@ -401,19 +401,28 @@ class SandboxManager:
             sandbox.state = NOTREADY
             await self._save(sandbox)
 
-    async def load(self, live_tasks: dict[str, str]) -> None:
-        """Rebuild from the store; finish the cleanup of creations a crash interrupted.
-
-        `live_tasks` maps task id to status as the task manager restored them.
-        """
+    async def load_records(self) -> list[Sandbox]:
+        """Rebuild from the store; returns sandboxes whose creation a crash interrupted."""
+        interrupted = []
         for data in await self.store.sandboxes.all():
             sandbox = Sandbox.from_dict(data)
             self.sandboxes[sandbox.id] = sandbox
             if sandbox.state == CREATING:
-                log.info("cleaning up sandbox %s, whose creation was interrupted", sandbox.id)
-                await self._discard(sandbox)
+                interrupted.append(sandbox)
                 continue
             self.names.reserve(sandbox.config.full_name, sandbox.id)
+        return interrupted
+
+    async def reconcile(self, interrupted: list[Sandbox], live_tasks: dict[str, str]) -> None:
+        """After the task manager restored shims: finish the cleanup of interrupted
+        creations (CNI DEL included) and mark pods whose pause is gone NOTREADY.
+
+        `live_tasks` maps task id to status as the task manager restored them.
+        """
+        for sandbox in interrupted:
+            log.info("cleaning up sandbox %s, whose creation was interrupted", sandbox.id)
+            await self._discard(sandbox)
+        for sandbox in list(self.sandboxes.values()):
             if sandbox.state == READY and live_tasks.get(sandbox.id) != "running":
                 await self.pause_exited(sandbox.id)
 

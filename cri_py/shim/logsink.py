@@ -1,18 +1,17 @@
 """Where a container's output goes: a pluggable sink the shim feeds per chunk.
 
 The shim reads stdout/stderr pipes (or the pty) in chunks and hands each chunk to a
-sink. Today the sink either discards or appends the raw bytes to a file; the CRI log
-format writer (cri_py/logging) will be another sink with the same three methods, so
-the shim's I/O loop does not change when it lands.
+sink: NullSink without a log path, else CriLogSink, which writes the kubelet's CRI log
+format (cri_py.logging.cri_format) itself, so output never passes through the daemon.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
-STDOUT = "stdout"
-STDERR = "stderr"
+from cri_py.logging.cri_format import DEFAULT_MAX_LINE, STDERR, STDOUT, CriLogEncoder
 
 
 class LogSink:
@@ -21,6 +20,9 @@ class LogSink:
 
     def write(self, stream: str, data: bytes) -> None:
         """Record one chunk of `stream` ("stdout" or "stderr"); never raises."""
+
+    def end(self, stream: str) -> None:
+        """`stream` has reached EOF: write out whatever of it is still held back."""
 
     def close(self) -> None:
         """Flush and release the destination (the container has exited for good)."""
@@ -42,52 +44,104 @@ class NullSink(LogSink):
         """Nothing to reopen."""
 
 
-class RawFileSink(LogSink):
-    """Appends raw bytes of both streams to one file (until the CRI writer lands).
+class FileSink(LogSink):
+    """An append-only log file: whole-buffer writes, report-once errors, reopen.
 
     Write errors (disk full, file removed by hand) are reported once on the shim's
     stderr and the data dropped: a log problem must never stall or kill the container.
+    O_APPEND keeps every write at the current end even if someone else appends.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd = -1
         self._failed = False
+        self._torn = False  # a failed write left half a record: end it before the next
         self._open()
 
     def _open(self) -> None:
-        """Open (creating) the file in append mode, so concurrent reopen stays safe."""
+        """Open (creating, 0640) the file; OSError reaches whoever asked for the sink."""
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         self._fd = os.open(self.path, flags, 0o640)
 
-    def write(self, stream: str, data: bytes) -> None:
-        """One os.write of the whole chunk (append mode: atomic position)."""
-        if self._fd < 0:
+    def _write(self, data: bytes) -> None:
+        """One os.write of the whole buffer (more only if the kernel takes less)."""
+        if self._fd < 0 or not data:
             return
+        if self._torn:
+            data = b"\n" + data
+        view = memoryview(data)
         try:
-            view = memoryview(data)
             while view:
                 view = view[os.write(self._fd, view) :]
+            self._torn = False
         except OSError as exc:
+            if len(view) < len(data):
+                self._torn = True
             if not self._failed:
                 self._failed = True
                 print(f"log write to {self.path} failed: {exc}; dropping output", file=sys.stderr)
+                sys.stderr.flush()
 
-    def close(self) -> None:
-        """Close the file; later writes are dropped."""
+    def _close_fd(self) -> None:
+        """Release the fd; later writes are dropped until a reopen."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
+    def close(self) -> None:
+        """Close the file."""
+        self._close_fd()
+
     def reopen(self) -> None:
-        """Close and open the path again (it may have been renamed away)."""
-        self.close()
+        """Close and open the path again (the kubelet renamed the old file away)."""
+        self._close_fd()
         self._failed = False
+        self._torn = False  # the half record stays in the old file
         self._open()
 
 
+class RawFileSink(FileSink):
+    """Appends the raw bytes of both streams (no framing): for debugging only."""
+
+    def write(self, stream: str, data: bytes) -> None:
+        """Append the chunk as it is."""
+        self._write(data)
+
+
+class CriLogSink(FileSink):
+    """The kubelet's CRI log file, written by the shim (conmon style).
+
+    A line still unfinished at reopen stays pending and continues in the new file, so
+    rotation neither splits nor duplicates a line; it is written as a P record only
+    when its stream ends (EOF) or the sink closes.
+    """
+
+    def __init__(self, path: str, max_line: int = DEFAULT_MAX_LINE) -> None:
+        self.encoder = CriLogEncoder(max_line)
+        super().__init__(path)
+
+    def write(self, stream: str, data: bytes) -> None:
+        """Encode the chunk with the read time as its lines' timestamp; one write."""
+        self._write(self.encoder.encode(stream, data, time.time_ns()))
+
+    def end(self, stream: str) -> None:
+        """The stream closed: its unfinished last line becomes a P record."""
+        self._write(self.encoder.flush(stream, time.time_ns()))
+
+    def close(self) -> None:
+        """Flush both streams' unfinished lines as P records, then close the file."""
+        now = time.time_ns()
+        self._write(self.encoder.flush(STDOUT, now) + self.encoder.flush(STDERR, now))
+        self._close_fd()
+
+
 def make_sink(log_path: str) -> LogSink:
-    """The sink for a task: a file when a path is given, else discard."""
+    """The sink for a task: the CRI log file when a path is given, else discard.
+
+    The file is opened here, so a path that cannot be opened fails the shim's setup
+    and reaches the daemon as the create error.
+    """
     if not log_path:
         return NullSink()
-    return RawFileSink(log_path)
+    return CriLogSink(log_path)

@@ -160,10 +160,12 @@ class ContainerIO:
         return ended
 
     def close_reader(self, fd: int) -> None:
-        """Forget an ended stream."""
+        """Forget an ended stream; the sink writes out its unfinished last line."""
         stream = self.readers.pop(fd, None)
-        if stream is not None and fd != self.stdin_fd:
-            os.close(fd)
+        if stream is not None:
+            self.sink.end(stream)
+            if fd != self.stdin_fd:
+                os.close(fd)
 
     def close(self) -> None:
         """Release every fd and the sink (the shim is leaving)."""
