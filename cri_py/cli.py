@@ -48,6 +48,7 @@ def setup_logging(config: Config) -> None:
     # httpx logs every request at INFO; a pull of 10 layers is not 12 log lines
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.getLogger("grpc._cython").setLevel(logging.INFO)  # one line per call about its event loop
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -38,7 +38,8 @@ class CriLogEncoder:
 
     `encode()` returns the records every line completed by the chunk produces (plus P
     records when the unfinished line outgrows `max_line`) and keeps the unfinished
-    rest; `flush()` turns that rest into a P record when the stream ends.
+    rest; `encode_parts()` is the same as buffers for os.writev (what the shim uses);
+    `flush()` turns the rest into a P record when the stream ends.
     """
 
     __slots__ = ("max_line", "_block", "_pending", "_second", "_second_prefix")
@@ -72,22 +73,39 @@ class CriLogEncoder:
 
     def encode(self, stream: str, chunk: bytes, now_ns: int) -> bytes:
         """The bytes to append to the log for `chunk` of `stream` read at `now_ns`."""
-        label = _LABELS[stream]
+        return b"".join(self.encode_parts(stream, chunk, now_ns))
+
+    def encode_parts(self, stream: str, chunk: bytes, now_ns: int) -> list[bytes | memoryview]:
+        """encode() as a few buffers for one os.writev: skips a copy of the output.
+
+        The lines after the chunk's first LF are encoded by one replace over the whole
+        chunk and handed out as a memoryview slice of it, so the chunk is neither
+        joined to the pending line nor sliced: per chunk the only big allocation is
+        the replace's result (fewer fresh heap pages, fewer page faults).
+        """
         pending = self._pending[stream]
-        data = pending + chunk if pending else chunk
-        end = data.rfind(b"\n")
-        if end < 0 and len(data) <= self.max_line:
-            self._pending[stream] = data  # nothing to write yet: skip the timestamp
-            return b""
-        head = self.timestamp(now_ns) + label
-        out = b"" if end < 0 else self._complete_lines(head, data[:end])
-        rest = data[end + 1 :]
-        if len(rest) > self.max_line:
-            keep = (len(rest) - 1) // self.max_line * self.max_line
-            out += self._partials(head, rest[:keep])
-            rest = rest[keep:]
-        self._pending[stream] = rest
-        return out
+        first = chunk.find(b"\n")
+        if first < 0:
+            return self._unfinished(stream, pending + chunk, now_ns)
+        end = chunk.rfind(b"\n")
+        head = self.timestamp(now_ns) + _LABELS[stream]
+        full = head + b"F "
+        line = pending + chunk[:first] if pending else chunk[:first]
+        if len(line) > self.max_line:
+            parts: list[bytes | memoryview] = [self._long_line(head, full, line)]
+        else:
+            parts = [b"".join((full, line, b"\n"))]
+        if end > first:
+            if self._has_long_line(chunk, first + 1, end):
+                parts.append(self._complete_lines(head, full, chunk[first + 1 : end]))
+            else:
+                out = chunk.replace(b"\n", b"\n" + full)
+                # out = <first line> LF full <middle lines, LF full after each> <rest>
+                parts.append(memoryview(out)[first + 1 : len(out) - (len(chunk) - end - 1) - len(full)])
+        self._pending[stream] = b""
+        if end + 1 < len(chunk):
+            parts += self._unfinished(stream, chunk[end + 1 :], now_ns)
+        return parts
 
     def flush(self, stream: str, now_ns: int) -> bytes:
         """The unfinished line of `stream` as a P record (the stream has ended)."""
@@ -97,16 +115,40 @@ class CriLogEncoder:
         self._pending[stream] = b""
         return b"".join((self.timestamp(now_ns), _LABELS[stream], b"P ", rest, b"\n"))
 
-    def _complete_lines(self, head: bytes, body: bytes) -> bytes:
-        """Records for `body`: complete lines joined by LF (the last LF cut off).
+    def _unfinished(self, stream: str, data: bytes, now_ns: int) -> list[bytes | memoryview]:
+        """Keep an unfinished line; if it outgrew max_line, write its head as P records."""
+        if len(data) <= self.max_line:
+            self._pending[stream] = data  # nothing to write: no timestamp either
+            return []
+        keep = (len(data) - 1) // self.max_line * self.max_line
+        self._pending[stream] = data[keep:]
+        return [self._partials(self.timestamp(now_ns) + _LABELS[stream], data[:keep])]
 
-        Runs of short lines go through one bytes.replace each; only a line longer than
-        max_line (found by probing one find() per half-max_line block) is cut up.
+    def _has_long_line(self, data: bytes, start: int, stop: int) -> bool:
+        """Whether a line in data[start:stop] (lines joined by LF) exceeds max_line.
+
+        A run of more than max_line bytes without LF covers a whole block of
+        max_line // 2 bytes aligned at `start`: one find() per block, each stopping at
+        the block's first LF, rules out every overlong line without looking at lines.
         """
-        full = head + b"F "
+        if stop - start <= self.max_line:
+            return False
+        block = self._block
+        for at in range(start, stop, block):
+            if data.find(b"\n", at, min(at + block, stop)) < 0:
+                line_start = data.rfind(b"\n", start, at) + 1 or start
+                line_end = data.find(b"\n", at, stop)
+                if (stop if line_end < 0 else line_end) - line_start > self.max_line:
+                    return True
+        return False
+
+    def _complete_lines(self, head: bytes, full: bytes, body: bytes) -> bytes:
+        """Records for `body`, complete lines joined by LF, some longer than max_line.
+
+        Runs of short lines still go through one bytes.replace each; only the long
+        lines (found like in _has_long_line) are cut up.
+        """
         size = len(body)
-        if size <= self.max_line:
-            return self._short_lines(full, body)
         out = []
         start = 0  # first byte of the lines not yet encoded
         for block in range(0, size, self._block):

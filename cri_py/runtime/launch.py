@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(cri_py.shim.__file__))))
 SHIM_DIR = os.path.dirname(os.path.abspath(cri_py.shim.__file__))
+SHIM_CODE_DIRS = (SHIM_DIR, os.path.join(os.path.dirname(SHIM_DIR), "logging"))
 
 BOOTSTRAP = (
     "import sys\n"
@@ -55,10 +56,11 @@ def shim_code_version() -> str:
     """Changes whenever the shim's code or interpreter does: a running launcher with
     another version is retired, so new shims never run stale code."""
     digest = hashlib.sha256(f"{p.PROTOCOL_VERSION}:{sys.executable}".encode())
-    for name in sorted(os.listdir(SHIM_DIR)):
-        if name.endswith(".py"):
-            st = os.stat(os.path.join(SHIM_DIR, name))
-            digest.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for directory in SHIM_CODE_DIRS:  # the shim's own modules and the log writer it imports
+        for name in sorted(os.listdir(directory)):
+            if name.endswith(".py"):
+                st = os.stat(os.path.join(directory, name))
+                digest.update(f"{directory}/{name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cri_py import errors
+from cri_py.runtime.launch import shim_argv
 from cri_py.shim import runc as shim_runc
 from cri_py.shim.runc import RuncCommand
 
@@ -201,9 +202,16 @@ class ExecResult:
     timed_out: bool = False
 
 
-async def _read_all(stream: asyncio.StreamReader, sink: list[bytes]) -> None:
-    while chunk := await stream.read(1 << 16):
-        sink.append(chunk)
+async def _read_pipe(fd: int, sink: list[bytes]) -> None:
+    """Read a pipe to EOF into `sink` (owns and closes `fd`)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0))
+    try:
+        while chunk := await reader.read(1 << 16):
+            sink.append(chunk)
+    finally:
+        transport.close()
 
 
 async def exec_sync(
@@ -215,17 +223,35 @@ async def exec_sync(
     from --pid-file); killing runc alone would leave the process running. When the
     command exits while a background child still holds its stdout, the output is
     drained for a short while only, so a probe never hangs on a daemonized child.
+    The process runs detached under `execwait` (cri_py/shim/execwait.py), which
+    reaps it as a subreaper and reports its exit code: a plain `runc exec` would not
+    exit while a background child holds the output. The pipes are our own, not
+    asyncio's: on Python 3.11 `Process.wait()` waits for every pipe it made to close.
     """
     fd, process_file = tempfile.mkstemp(prefix=".exec-", suffix=".json", dir=os.path.dirname(pid_file))
     with os.fdopen(fd, "w") as fh:
         json.dump(process, fh)
-    argv = runc.command.argv("exec", "--process", process_file, "--pid-file", pid_file, id)
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
+    runc_argv = runc.command.argv("exec", "--detach", "--process", process_file, "--pid-file", pid_file, id)
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    argv = shim_argv("execwait", str(status_w), pid_file, *runc_argv)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out_w, stderr=err_w, pass_fds=(status_w,)
+        )
+    except BaseException:
+        for pipe_fd in (out_r, err_r, status_r):
+            os.close(pipe_fd)
+        raise
+    finally:
+        for pipe_fd in (out_w, err_w, status_w):
+            os.close(pipe_fd)
     out: list[bytes] = []
     err: list[bytes] = []
-    readers = [asyncio.ensure_future(_read_all(proc.stdout, out)), asyncio.ensure_future(_read_all(proc.stderr, err))]
+    status: list[bytes] = []
+    readers = [asyncio.ensure_future(_read_pipe(fd_, sink)) for fd_, sink in ((out_r, out), (err_r, err))]
+    status_reader = asyncio.ensure_future(_read_pipe(status_r, status))
     timed_out = False
     try:
         try:
@@ -234,11 +260,12 @@ async def exec_sync(
             timed_out = True
             _kill_pid_file(pid_file)
             await proc.wait()
+        await status_reader
         await asyncio.wait(readers, timeout=EXEC_DRAIN_SECONDS)
     finally:
-        for reader in readers:
+        for reader in [*readers, status_reader]:
             reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
+        await asyncio.gather(*readers, status_reader, return_exceptions=True)
         if proc.returncode is None:
             _kill_pid_file(pid_file)
             proc.kill()
@@ -246,7 +273,15 @@ async def exec_sync(
         for path in (process_file, pid_file):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-    return ExecResult(proc.returncode if not timed_out else -1, b"".join(out), b"".join(err), timed_out)
+    try:
+        outcome = json.loads(b"".join(status) or b"{}")
+    except ValueError:
+        outcome = {}
+    if "exit_code" not in outcome and not timed_out:
+        detail = b"".join(err).decode(errors="replace").strip() or str(outcome or f"exit status {proc.returncode}")
+        raise _error(runc_argv, outcome.get("runc_failed"), shim_runc.error_detail(detail.encode()))
+    code = -1 if timed_out else int(outcome["exit_code"])
+    return ExecResult(code, b"".join(out), b"".join(err), timed_out)
 
 
 def _kill_pid_file(pid_file: str) -> None:

@@ -57,10 +57,17 @@ class Table:
         return self._store.db.table(self._name)
 
     def put_sync(self, key: str, record: dict[str, Any]) -> None:
-        """Insert or replace the record with id `key`."""
+        """Insert or replace the record with id `key` (replace: keys it lacks go too)."""
         doc = dict(record, id=key)
+
+        def replace(stored: dict[str, Any]) -> None:
+            stored.clear()
+            stored.update(doc)
+
         with self._store.lock:
-            self._table().upsert(doc, Query().id == key)
+            table = self._table()
+            if not table.update(replace, Query().id == key):
+                table.insert(doc)
 
     def get_sync(self, key: str) -> dict[str, Any] | None:
         """The record with id `key`, or None."""

@@ -499,7 +499,8 @@ async def test_without_launcher(managers, env, tmp_path):
     await tm.create(env.spec("plain", ["sh", "-c", "echo plain; exit 5"], log_path=str(log)))
     await tm.start("plain")
     assert (await tm.wait("plain", timeout=20)).exit_code == 5
-    assert log.read_bytes() == b"plain\n"
+    [record] = log.read_bytes().splitlines()
+    assert record.split(b" ", 1)[1] == b"stdout F plain"
     await tm.delete("plain")
     assert_clean(env)
     assert processes("cri-py-launcher", env.state) == []

@@ -232,8 +232,8 @@ async def test_container_inherits_only_its_stdio(managers, env, tmp_path):
     await tm.create(env.spec("t", "sh", "-c", "ls /proc/self/fd", log_path=str(log)))
     await tm.start("t")
     await tm.wait("t", timeout=10)
-    # 0 1 2, plus the fd ls itself opened to list the directory
-    assert len(log.read_text().split()) == 4, log.read_text()
+    # 0 1 2, plus the fd ls itself opened to list the directory: one CRI record each
+    assert len(log.read_text().splitlines()) == 4, log.read_text()
     await tm.delete("t")
 
 
@@ -464,13 +464,13 @@ async def test_reopen_log_after_rotation(managers, env, tmp_path):
     script = f"echo one; while [ ! -e {flag} ]; do sleep 0.02; done; echo two"
     await tm.create(env.spec("t", "sh", "-c", script, log_path=str(log)))
     await tm.start("t")
-    await _eventually(lambda: log.exists() and log.read_bytes() == b"one\n")
+    await _eventually(lambda: log.exists() and log.read_bytes().endswith(b" stdout F one\n"))
     os.rename(log, tmp_path / "ctr.log.1")
     await tm.reopen_log("t")
     flag.touch()
     await tm.wait("t", timeout=10)
-    assert (tmp_path / "ctr.log.1").read_bytes() == b"one\n"
-    assert log.read_bytes() == b"two\n"
+    assert [r.split(b" ", 3)[1:] for r in (tmp_path / "ctr.log.1").read_bytes().splitlines()] == [[b"stdout", b"F", b"one"]]
+    assert [r.split(b" ", 3)[1:] for r in log.read_bytes().splitlines()] == [[b"stdout", b"F", b"two"]]
     await tm.delete("t")
     with pytest.raises(errors.NotFound):
         await tm.reopen_log("t")

@@ -32,6 +32,15 @@ async def test_records_round_trip_and_survive_reopen(tmp_path):
     assert await reopened.images.all() == []
 
 
+async def test_put_replaces_the_whole_record(tmp_path):
+    store = Store(str(tmp_path))
+    await store.containers.put("c", {"state": "CREATED", "creating": True})
+    await store.containers.put("c", {"state": "CREATED"})
+    assert await store.containers.get("c") == {"id": "c", "state": "CREATED"}
+    store.close()
+    assert await Store(str(tmp_path)).containers.get("c") == {"id": "c", "state": "CREATED"}
+
+
 async def test_returned_records_are_copies(tmp_path):
     store = Store(str(tmp_path))
     await store.images.put("i", {"tags": ["x"]})

@@ -1,0 +1,283 @@
+"""Containers end to end: real runc and shims, the repo's busybox image, kubelet log files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from cri_api.v1 import api_pb2 as cri
+
+from tests.e2e.conftest import MIRRORS, wait_for
+from tests.e2e.network import PodNetwork
+
+BUSYBOX = "docker.io/library/busybox:latest"
+
+
+class Pod:
+    """A READY pod of a running server, with its log directory, for container tests."""
+
+    def __init__(self, server, sandbox_id: str, config: cri.PodSandboxConfig, log_dir: Path) -> None:
+        self.server = server
+        self.runtime = server.runtime()
+        self.id = sandbox_id
+        self.config = config
+        self.log_dir = log_dir
+        self.image_id = server.images().PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=BUSYBOX))).image_ref
+
+    def create(self, name: str, command: list[str], **kwargs) -> str:
+        config = cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name=name),
+            image=cri.ImageSpec(image=kwargs.pop("image", self.image_id)),
+            command=command,
+            log_path=kwargs.pop("log_path", f"{name}/0.log"),
+            labels={"name": name},
+            **kwargs,
+        )
+        request = cri.CreateContainerRequest(pod_sandbox_id=self.id, config=config, sandbox_config=self.config)
+        return self.runtime.CreateContainer(request, timeout=60).container_id
+
+    def run(self, name: str, command: list[str], **kwargs) -> str:
+        container_id = self.create(name, command, **kwargs)
+        self.runtime.StartContainer(cri.StartContainerRequest(container_id=container_id), timeout=60)
+        return container_id
+
+    def status(self, container_id: str, verbose: bool = False) -> cri.ContainerStatusResponse:
+        return self.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id, verbose=verbose))
+
+    def wait_exit(self, container_id: str, timeout: float = 30) -> cri.ContainerStatus:
+        def exited():
+            st = self.status(container_id).status
+            return st if st.state == cri.CONTAINER_EXITED else None
+
+        return wait_for(exited, timeout=timeout, what=f"container {container_id[:12]} to exit")
+
+    def log(self, name: str, index: int = 0) -> str:
+        return (self.log_dir / name / f"{index}.log").read_text()
+
+    def log_lines(self, name: str) -> list[str]:
+        """The container's output lines, from the CRI-format records."""
+        return [line.split(" ", 3)[3] for line in self.log(name).splitlines()]
+
+    def exec(self, container_id: str, cmd: list[str], timeout: int = 10) -> cri.ExecSyncResponse:
+        return self.runtime.ExecSync(cri.ExecSyncRequest(container_id=container_id, cmd=cmd, timeout=timeout), timeout=60)
+
+
+@pytest.fixture
+def pod(server_factory, local_registry, tmp_path, request):
+    net = PodNetwork(tmp_path / "cni", index=abs(hash(request.node.name)) % 200)
+    server = server_factory(MIRRORS + net.server_config(), start=False)
+    net.attach(server)
+    net.write_conflist(server.conf_dir)
+    server.start()
+    log_dir = tmp_path / "pod-logs"
+    config = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="cpod", namespace="e2e", uid=f"uid-{request.node.name[:40]}"),
+        hostname="cpod",
+        log_directory=str(log_dir),
+    )
+    runtime = server.runtime()
+    sandbox_id = runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config), timeout=120).pod_sandbox_id
+    try:
+        yield Pod(server, sandbox_id, config, log_dir)
+    finally:
+        if server.proc.poll() is None:
+            for item in runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items:
+                runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=item.id), timeout=120)
+        net.cleanup()
+
+
+def test_lifecycle_exit_codes_reasons_and_logs(pod):
+    ok = pod.run("ok", ["sh", "-c", "echo hello; echo oops >&2"])
+    bad = pod.run("bad", ["sh", "-c", "exit 3"])
+    st_ok, st_bad = pod.wait_exit(ok), pod.wait_exit(bad)
+    assert (st_ok.exit_code, st_ok.reason) == (0, "Completed")
+    assert (st_bad.exit_code, st_bad.reason) == (3, "Error")
+    assert 0 < st_ok.created_at <= st_ok.started_at <= st_ok.finished_at
+    assert st_ok.image_id == pod.image_id  # the ImageService's id for the same image
+    assert st_ok.image.image == BUSYBOX
+    assert st_ok.log_path == str(pod.log_dir / "ok" / "0.log")
+    records = pod.log("ok").splitlines()
+    streams = sorted((r.split(" ")[1], r.split(" ", 3)[3]) for r in records)
+    assert streams == [("stderr", "oops"), ("stdout", "hello")]
+    assert all(r.split(" ")[2] == "F" and r.split(" ")[0].endswith("Z") for r in records)
+    listed = pod.runtime.ListContainers(cri.ListContainersRequest()).containers
+    assert {c.id for c in listed} == {ok, bad}
+    flt = cri.ContainerFilter(label_selector={"name": "ok"})
+    assert [c.id for c in pod.runtime.ListContainers(cri.ListContainersRequest(filter=flt)).containers] == [ok]
+    flt = cri.ContainerFilter(pod_sandbox_id=pod.id, state=cri.ContainerStateValue(state=cri.CONTAINER_EXITED))
+    assert len(pod.runtime.ListContainers(cri.ListContainersRequest(filter=flt)).containers) == 2
+    for _ in range(2):
+        pod.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=ok))
+    assert (pod.log_dir / "ok" / "0.log").exists()  # the kubelet owns log files
+    with pytest.raises(grpc.RpcError) as err:
+        pod.status(ok)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_bad_requests_change_nothing(pod):
+    def code(fn) -> grpc.StatusCode:
+        with pytest.raises(grpc.RpcError) as err:
+            fn()
+        return err.value.code()
+
+    assert code(lambda: pod.create("noimage", ["true"], image="docker.io/library/absent:1")) == grpc.StatusCode.NOT_FOUND
+    relative = [cri.Mount(container_path="relative/path", host_path="/tmp")]
+    assert code(lambda: pod.create("relmount", ["true"], mounts=relative)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code(lambda: pod.create("escape", ["true"], log_path="../../escape.log")) == grpc.StatusCode.INVALID_ARGUMENT
+    request = cri.CreateContainerRequest(
+        pod_sandbox_id="f" * 64,
+        config=cri.ContainerConfig(metadata=cri.ContainerMetadata(name="x"), image=cri.ImageSpec(image=pod.image_id)),
+    )
+    assert code(lambda: pod.runtime.CreateContainer(request)) == grpc.StatusCode.NOT_FOUND
+    running = pod.run("dup", ["sleep", "1000"])
+    assert code(lambda: pod.create("dup", ["true"])) == grpc.StatusCode.ALREADY_EXISTS
+    assert code(lambda: pod.runtime.StartContainer(cri.StartContainerRequest(container_id=running))) == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    listed = pod.runtime.ListContainers(cri.ListContainersRequest()).containers
+    assert [c.id for c in listed] == [running]
+    state = pod.server.base / "state" / "containers"
+    assert sorted(os.listdir(state)) == [running]
+
+
+def test_stop_uses_sigkill_after_the_timeout_and_is_idempotent(pod):
+    stubborn = pod.run("stubborn", ["sh", "-c", "trap '' TERM; echo ready; while true; do sleep 1; done"])
+    wait_for(lambda: "ready" in pod.log("stubborn"), what="the trap to be set")
+    start = time.monotonic()
+    pod.runtime.StopContainer(cri.StopContainerRequest(container_id=stubborn, timeout=2), timeout=60)
+    assert time.monotonic() - start >= 1.5
+    st = pod.status(stubborn).status
+    assert st.state == cri.CONTAINER_EXITED and st.exit_code == 128 + signal.SIGKILL
+    pod.runtime.StopContainer(cri.StopContainerRequest(container_id=stubborn, timeout=2))
+    polite = pod.run("polite", ["sleep", "1000"])
+    pod.runtime.StopContainer(cri.StopContainerRequest(container_id=polite, timeout=30))
+    assert pod.status(polite).status.exit_code == 128 + signal.SIGTERM
+
+
+def test_memory_limit_exceeded_is_reported_oomkilled(pod):
+    resources = cri.LinuxContainerResources(memory_limit_in_bytes=16 * 1024 * 1024)
+    hog = pod.run("hog", ["sh", "-c", "tail /dev/zero"], linux=cri.LinuxContainerConfig(resources=resources))
+    st = pod.wait_exit(hog, timeout=60)
+    assert st.reason == "OOMKilled", (st.reason, st.exit_code)
+    assert st.exit_code == 137
+
+
+def test_users_groups_readonly_rootfs_and_capabilities(pod):
+    named = pod.run("named", ["sh", "-c", "id -u; id -g; id -G"],
+                    linux=cri.LinuxContainerConfig(security_context=cri.LinuxContainerSecurityContext(
+                        run_as_username="tester", supplemental_groups=[777])))
+    pod.wait_exit(named)
+    uid, gid, groups = pod.log_lines("named")
+    assert (uid, gid) == ("1234", "1234")
+    assert set(groups.split()) == {"1234", "4321", "777"}  # /etc/group's extra plus the config's
+    status_user = pod.status(named).status.user.linux
+    assert (status_user.uid, status_user.gid) == (1234, 1234) and 777 in status_user.supplemental_groups
+
+    ro = pod.run("ro", ["sh", "-c", "touch /newfile; echo rc=$?"],
+                 linux=cri.LinuxContainerConfig(security_context=cri.LinuxContainerSecurityContext(readonly_rootfs=True)))
+    pod.wait_exit(ro)
+    assert pod.log_lines("ro")[-1] == "rc=1"
+
+    caps = cri.Capability(add_capabilities=["NET_ADMIN"], drop_capabilities=["ALL"])
+    capped = pod.run("caps", ["sh", "-c", "grep CapEff /proc/self/status"],
+                     linux=cri.LinuxContainerConfig(security_context=cri.LinuxContainerSecurityContext(capabilities=caps)))
+    pod.wait_exit(capped)
+    assert pod.log_lines("caps") == ["CapEff:\t0000000000001000"]  # CAP_NET_ADMIN is bit 12 alone
+
+
+def test_a_long_line_is_logged_as_partial_chunks_then_full(pod):
+    long_line = pod.run("long", ["sh", "-c", "head -c 1048576 /dev/zero | tr '\\0' a; echo; echo after"])
+    pod.wait_exit(long_line)
+    records = [r.split(" ", 3) for r in pod.log("long").splitlines()]
+    tags = [r[2] for r in records]
+    assert tags[-2:] == ["F", "F"] and set(tags[:-2]) == {"P"} and len(tags) > 2
+    assert "".join(r[3] for r in records[:-1]) == "a" * 1048576
+    assert records[-1][3] == "after"
+
+
+def test_reopen_log_loses_and_duplicates_nothing(pod):
+    writer = pod.run("writer", ["sh", "-c", "i=0; while true; do i=$((i+1)); echo line-$i; done"])
+    log_file = pod.log_dir / "writer" / "0.log"
+    wait_for(lambda: log_file.exists() and log_file.stat().st_size > 100_000, what="some output")
+    rotated = pod.log_dir / "writer" / "0.log.rotated"
+    os.rename(log_file, rotated)
+    pod.runtime.ReopenContainerLog(cri.ReopenContainerLogRequest(container_id=writer))
+    wait_for(lambda: log_file.exists() and log_file.stat().st_size > 100_000, what="output in the new file")
+    pod.runtime.StopContainer(cri.StopContainerRequest(container_id=writer, timeout=5))
+    lines = []
+    for path in (rotated, log_file):
+        lines += [r.split(" ", 3)[3] for r in path.read_text().splitlines() if r.split(" ")[2] == "F"]
+    numbers = [int(line.split("-")[1]) for line in lines if line.startswith("line-")]
+    assert numbers == list(range(1, len(numbers) + 1))
+
+
+def test_exec_sync_output_exit_code_timeout_and_background_children(pod):
+    target = pod.run("target", ["sleep", "1000"])
+    result = pod.exec(target, ["sh", "-c", "echo out; echo err >&2; exit 4"])
+    assert (result.stdout, result.stderr, result.exit_code) == (b"out\n", b"err\n", 4)
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        pod.exec(target, ["sleep", "30"], timeout=1)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - start < 10
+    assert "sleep 30" not in pod.exec(target, ["ps"]).stdout.decode()  # the timed-out process was killed
+    start = time.monotonic()
+    result = pod.exec(target, ["sh", "-c", "sleep 60 & echo started"])
+    assert result.exit_code == 0 and result.stdout == b"started\n"
+    assert time.monotonic() - start < 10
+    stopped = pod.run("stopped", ["true"])
+    pod.wait_exit(stopped)
+    with pytest.raises(grpc.RpcError) as err:
+        pod.exec(stopped, ["true"])
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_mounts_host_dirs_are_created_and_readonly_is_enforced(pod, tmp_path):
+    created = tmp_path / "made-by-runtime"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "file").write_text("from host")
+    mounts = [
+        cri.Mount(container_path="/made", host_path=str(created)),
+        cri.Mount(container_path="/ro", host_path=str(ro), readonly=True),
+    ]
+    c = pod.run("mounts", ["sh", "-c", "echo x > /made/f; cat /ro/file; echo; touch /ro/y; echo rc=$?"], mounts=mounts)
+    pod.wait_exit(c)
+    assert created.is_dir() and (created / "f").read_text() == "x\n"
+    assert pod.log_lines("mounts")[0] == "from host"
+    assert pod.log_lines("mounts")[-1] == "rc=1"
+    assert [m.container_path for m in pod.status(c).status.mounts] == ["/made", "/ro"]
+
+
+def test_update_container_resources_applies_and_shows(pod):
+    c = pod.run("resize", ["sleep", "1000"],
+                linux=cri.LinuxContainerConfig(resources=cri.LinuxContainerResources(memory_limit_in_bytes=64 << 20)))
+    new = cri.LinuxContainerResources(memory_limit_in_bytes=96 << 20, cpu_shares=512)
+    pod.runtime.UpdateContainerResources(cri.UpdateContainerResourcesRequest(container_id=c, linux=new))
+    assert pod.status(c).status.resources.linux.memory_limit_in_bytes == 96 << 20
+    limit = pod.exec(c, ["cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]).stdout
+    if limit:  # cgroup v1 inside the container's cgroup namespace view
+        assert int(limit) == 96 << 20
+
+
+def test_containers_survive_a_sigkilled_daemon(pod):
+    runner = pod.run("runner", ["sleep", "1000"])
+    quick = pod.run("quick", ["sh", "-c", "sleep 2; echo bye; exit 7"])
+    pid = json.loads(pod.status(runner, verbose=True).info["info"])["pid"]
+    pod.server.terminate(signal.SIGKILL)
+    wait_for(lambda: (pod.log_dir / "quick" / "0.log").exists() and "bye" in pod.log("quick"),
+             what="the quick container to finish while the daemon is down")
+    pod.server.start()
+    pod.runtime = pod.server.runtime()
+    st = pod.status(runner).status
+    assert st.state == cri.CONTAINER_RUNNING and os.path.exists(f"/proc/{pid}")
+    st = pod.wait_exit(quick, timeout=10)
+    assert st.exit_code == 7 and st.finished_at > st.started_at
+    assert pod.log_lines("quick") == ["bye"]
+    pod.runtime.StopContainer(cri.StopContainerRequest(container_id=runner, timeout=5))
+    assert pod.status(runner).status.exit_code == 128 + signal.SIGTERM
