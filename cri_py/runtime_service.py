@@ -91,13 +91,16 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
                 _condition("NetworkReady", self.health.network_problem(), "NetworkPluginNotReady"),
             ]
         )
-        handlers = [
-            cri.RuntimeHandler(name=name, features=cri.RuntimeHandlerFeatures())
-            for name in sorted(self.config.runtime.handlers)
-        ]
+        # runc >= 1.1 on a kernel with mount_setattr applies "rro"; user namespaces are not built
+        features = cri.RuntimeHandlerFeatures(recursive_read_only_mounts=True, user_namespaces=False)
+        handlers = [cri.RuntimeHandler(name=name, features=features) for name in sorted(self.config.runtime.handlers)]
         # the kubelet looks up the default handler under the empty name
-        handlers.insert(0, cri.RuntimeHandler(name="", features=cri.RuntimeHandlerFeatures()))
-        response = cri.StatusResponse(status=status, runtime_handlers=handlers, features=cri.RuntimeFeatures())
+        handlers.insert(0, cri.RuntimeHandler(name="", features=features))
+        response = cri.StatusResponse(
+            status=status,
+            runtime_handlers=handlers,
+            features=cri.RuntimeFeatures(supplemental_groups_policy=True),
+        )
         if request.verbose:
             response.info["config"] = json.dumps(self.config.to_dict())
         return response

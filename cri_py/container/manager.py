@@ -183,9 +183,11 @@ class ContainerManager:
             sc.supplemental_groups_policy,
         )
         target_pid = self._target_pid(container) if sc.pid_mode == "target" else 0
+        image_mounts = await self._mount_image_volumes(container)
         spec = spec_builder.container_spec(
             container, sandbox, image.config, container.rootfs_path, container.user,
             self.config.runtime.cgroup_driver, sandbox_pid=sandbox.pid, target_pid=target_pid,
+            image_mounts=image_mounts,
         )
         self._note_oom_clamp(cfg.resources.oom_score_adj)
         for m in cfg.mounts:
@@ -211,6 +213,29 @@ class ContainerManager:
                 systemd_cgroup=self.config.runtime.cgroup_driver == "systemd",
             )
         )
+
+    def _image_volume_dir(self, container_id: str) -> str:
+        return os.path.join(self._state_dir(container_id), "image-volumes")
+
+    async def _mount_image_volumes(self, container: Container) -> dict[str, str]:
+        """Mount each image volume's layers read-only; container path -> host dir.
+
+        The mount then names the image by its ID (digest), which ContainerStatus shows.
+        """
+        out: dict[str, str] = {}
+        for index, volume in enumerate(container.config.mounts):
+            if not volume.image:
+                continue
+            record = self.images.resolve(volume.image)
+            if record is None:
+                raise NotFound(f"image {volume.image!r} of the volume at {volume.container_path} not found")
+            target = os.path.join(self._image_volume_dir(container.id), str(index))
+            os.makedirs(target, exist_ok=True)
+            lowers = [self.images.snapshots.path(c) for c in reversed(record.chain_ids)]
+            await asyncio.to_thread(mount.mount_readonly_layers, lowers, target)
+            volume.image = record.id
+            out[volume.container_path] = target
+        return out
 
     def _target_pid(self, container: Container) -> int:
         target = self.get(container.config.security.target_id)
@@ -317,6 +342,9 @@ class ContainerManager:
         await self.tasks.delete(container.id)
         if container.rootfs_path:
             await asyncio.to_thread(mount.unmount, container.rootfs_path, True)
+        volumes = self._image_volume_dir(container.id)
+        for name in os.listdir(volumes) if os.path.isdir(volumes) else []:
+            await asyncio.to_thread(mount.unmount, os.path.join(volumes, name), True)
         await asyncio.to_thread(shutil.rmtree, self._state_dir(container.id), True)
         await asyncio.to_thread(shutil.rmtree, self._root_dir(container.id), True)
         await self.store.containers.delete(container.id)

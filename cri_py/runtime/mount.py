@@ -19,6 +19,7 @@ MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_BIND = 0x1000
+MS_REMOUNT = 0x20
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 0x2
@@ -87,3 +88,20 @@ def mount_overlay(lowerdirs: list[str], upperdir: str, workdir: str, target: str
 def mount_tmpfs(target: str, size_bytes: int, mode: int = 0o1777) -> None:
     """A size-limited tmpfs (a pod's /dev/shm)."""
     mount("shm", target, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"mode={mode:o},size={size_bytes}")
+
+
+def mount_readonly_layers(lowerdirs: list[str], target: str) -> None:
+    """A read-only view of image layers (top first): an image volume.
+
+    One layer is a read-only bind; several are an overlay with no upper dir, which
+    overlayfs mounts read-only by itself.
+    """
+    if len(lowerdirs) == 1:
+        mount(lowerdirs[0], target, None, MS_BIND | MS_REC)
+        try:
+            mount("", target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        except MountError:
+            unmount(target, detach=True)
+            raise
+        return
+    mount("overlay", target, "overlay", MS_RDONLY, f"lowerdir={':'.join(lowerdirs)}")

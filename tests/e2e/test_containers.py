@@ -281,3 +281,45 @@ def test_containers_survive_a_sigkilled_daemon(pod):
     assert pod.log_lines("quick") == ["bye"]
     pod.runtime.StopContainer(cri.StopContainerRequest(container_id=runner, timeout=5))
     assert pod.status(runner).status.exit_code == 128 + signal.SIGTERM
+
+
+def test_image_volume_is_read_only_with_sub_path_and_digest_in_status(pod):
+    pause = pod.server.images().ImageStatus(
+        cri.ImageStatusRequest(image=cri.ImageSpec(image="registry.k8s.io/pause:3.10"))).image.id
+    mounts = [cri.Mount(container_path="/vol", image=cri.ImageSpec(image="registry.k8s.io/pause:3.10")),
+              cri.Mount(container_path="/bin-only", image=cri.ImageSpec(image=BUSYBOX), image_sub_path="bin")]
+    c = pod.run("imgvol", ["sh", "-c", "ls /vol; ls /bin-only | grep -c .; touch /vol/x; echo rc=$?"], mounts=mounts)
+    pod.wait_exit(c)
+    lines = pod.log_lines("imgvol")
+    assert lines[0] == "pause" and int(lines[1]) > 50 and lines[-1] == "rc=1"
+    shown = {m.container_path: m.image.image for m in pod.status(c).status.mounts}
+    assert shown["/vol"] == pause
+    pod.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=c))
+    assert str(pod.server.base) not in "".join(
+        line for line in Path("/proc/self/mountinfo").read_text().splitlines() if "image-volumes" in line)
+
+
+def test_recursive_read_only_mounts(pod, tmp_path):
+    import subprocess
+
+    features = pod.runtime.Status(cri.StatusRequest()).runtime_handlers[0].features
+    assert features.recursive_read_only_mounts
+    host = tmp_path / "rro"
+    (host / "sub").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(host / "sub")], check=True)
+    try:
+        rro = [cri.Mount(container_path="/data", host_path=str(host), readonly=True, recursive_read_only=True)]
+        c = pod.run("rro", ["sh", "-c", "touch /data/sub/f; echo rc=$?"], mounts=rro)
+        pod.wait_exit(c)
+        assert pod.log_lines("rro")[-1] == "rc=1"  # the tmpfs under the mount is read-only too
+        plain = [cri.Mount(container_path="/data", host_path=str(host), readonly=True)]
+        c2 = pod.run("ro-only", ["sh", "-c", "touch /data/sub/f; echo rc=$?"], mounts=plain)
+        pod.wait_exit(c2)
+        assert pod.log_lines("ro-only")[-1] == "rc=0"  # without rro a submount stays writable
+        bad = [cri.Mount(container_path="/data", host_path=str(host), readonly=False, recursive_read_only=True)]
+        with pytest.raises(grpc.RpcError) as err:
+            pod.create("rro-rw", ["true"], mounts=bad)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        pod.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=c))
+    finally:
+        subprocess.run(["umount", str(host / "sub")], check=False)
