@@ -31,7 +31,7 @@ from cri_py.runtime.tasks import TaskManager, TaskSpec, TaskState
 from cri_py.sandbox.manager import SandboxManager
 from cri_py.sandbox.model import READY, Sandbox
 from cri_py.store import NameRegistrar, Store
-from cri_py.store.storage import atomic_write
+from cri_py.atomicfile import atomic_write
 
 log = logging.getLogger(__name__)
 

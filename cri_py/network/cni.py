@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from cri_py import errors
 from cri_py.network.conf import NetworkConfig, find_plugin
 from cri_py.network.netns import netns_exists
-from cri_py.store.storage import atomic_write
+from cri_py.atomicfile import atomic_write
 
 CACHE_KIND = "cri-py/cni-cache/v1"
 STDERR_LIMIT = 4000  # a plugin's stderr is quoted in errors, but a panic dump must not flood logs

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(cri_py.shim.__file__))))
 SHIM_DIR = os.path.dirname(os.path.abspath(cri_py.shim.__file__))
 SHIM_CODE_DIRS = (SHIM_DIR, os.path.join(os.path.dirname(SHIM_DIR), "logging"))
+SHIM_CODE_FILES = (os.path.join(os.path.dirname(SHIM_DIR), "atomicfile.py"),)
 
 BOOTSTRAP = (
     "import sys\n"
@@ -61,6 +62,9 @@ def shim_code_version() -> str:
             if name.endswith(".py"):
                 st = os.stat(os.path.join(directory, name))
                 digest.update(f"{directory}/{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for path in SHIM_CODE_FILES:
+        st = os.stat(path)
+        digest.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
 
 

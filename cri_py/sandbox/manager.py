@@ -39,7 +39,7 @@ from cri_py.sandbox.files import pod_hostname, write_sandbox_files
 from cri_py.sandbox.model import CREATING, NODE, NOTREADY, READY, Sandbox, SandboxConfig
 from cri_py.sandbox.spec import pause_spec
 from cri_py.store import NameRegistrar, Store
-from cri_py.store.storage import atomic_write
+from cri_py.atomicfile import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+
 TYPE_CHECKING = False  # typing costs every shim memory; checkers know this name
 if TYPE_CHECKING:
     from typing import Any
+
+from cri_py.atomicfile import atomic_write
 
 PROTOCOL_VERSION = 1
 
@@ -111,32 +114,8 @@ def exit_code_of(wait_status: int) -> int:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    """Replace `path` with JSON so that readers and crashes see old or new, never half.
-
-    A stdlib copy of cri_py.store.atomic_write (that module imports tinydb, which the
-    shim must not load): temp file in the same dir, fsync, rename, fsync the dir.
-    """
-    directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    data = json.dumps(obj, separators=(",", ":")).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Replace `path` with JSON so that readers and crashes see old or new, never half."""
+    atomic_write(path, json.dumps(obj, separators=(",", ":")).encode())
 
 
 def read_json(path: str) -> Any:

@@ -91,7 +91,8 @@ class ServerProcess:
             f'[streaming]\nport = {free_port()}\n'
             f'[cni]\nconf_dir = "{self.conf_dir}"\n'
             + (f"bin_dirs = {json.dumps(self.cni_bin_dirs)}\n" if self.cni_bin_dirs else "")
-            +             f'[log]\nlevel = "debug"\n' + self.extra_config
+            + '[log]\nlevel = "debug"\n'
+            + self.extra_config
         )
 
     def start(self, wait: bool = True) -> "ServerProcess":
@@ -197,7 +198,8 @@ def image_server(server_factory, local_registry) -> ServerProcess:
 
 
 def _our_processes() -> dict[int, str]:
-    """cri-py daemons, shims and launchers, and runc, by pid."""
+    """cri-py daemons, shims and launchers, and runc, started for tests (their paths
+    are under pytest's temp dir), by pid; others' processes on the machine don't count."""
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -206,7 +208,8 @@ def _our_processes() -> dict[int, str]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "cri_py" in cmdline or cmdline.startswith(("runc ", "/usr/sbin/runc ")):
+        ours = "cri_py" in cmdline or cmdline.startswith(("runc ", "/usr/sbin/runc "))
+        if ours and "/pytest-of-" in cmdline:
             found[int(entry)] = cmdline
     return found
 

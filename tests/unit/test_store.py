@@ -106,7 +106,7 @@ def test_atomic_write_replaces_content(tmp_path):
 WRITER = textwrap.dedent(
     """
     import sys
-    from cri_py.store.storage import atomic_write
+    from cri_py.atomicfile import atomic_write
     path = sys.argv[1]
     i = 0
     print("ready", flush=True)
