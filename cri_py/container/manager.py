@@ -59,6 +59,14 @@ class ContainerManager:
         self._warned_oom_clamp = False
         sandboxes.stop_containers = self.stop_all
         sandboxes.remove_containers = self.remove_all
+        images.user_of = self.user_of_image
+
+    def user_of_image(self, image_id: str) -> str | None:
+        """A container whose rootfs or image volume uses the image (removing it would break it)."""
+        for container in self.containers.values():
+            if container.image_id == image_id or any(m.image == image_id for m in container.config.mounts):
+                return container.id
+        return None
 
     # --- paths and lookup ------------------------------------------------------------
 

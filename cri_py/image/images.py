@@ -16,9 +16,11 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from cri_py.config import Config
+from cri_py.errors import FailedPrecondition
 from cri_py.image.archive import read_archive
 from cri_py.image.content import ContentStore, SnapshotStore
 from cri_py.image.pull import Layer, Puller, ResolvedImage
@@ -84,6 +86,8 @@ class ImageManager:
         self._lock = asyncio.Lock()  # record updates and garbage collection
         self._usage: tuple[float, int, int] | None = None
         self._imports = 0  # archive blobs land before they are held: no sweeping meanwhile
+        # set by the container side: image id -> a container using it (whose rootfs stacks its snapshots)
+        self.user_of: Callable[[str], str | None] = lambda image_id: None
 
     async def load(self) -> None:
         """Rebuild the in-memory view from the store; drop what crashed pulls left."""
@@ -215,9 +219,13 @@ class ImageManager:
             else:
                 ref = parse_reference(name)
                 drop = [ref.docker_ref] if ref.digest is None else [f"{ref.name}@{ref.digest}"]
+            tags_left = [t for t in record.repo_tags if t not in drop]
+            user = None if tags_left else self.user_of(record.id)
+            if user is not None:  # checked before changing anything: its layers are a rootfs
+                raise FailedPrecondition(f"image {record.id} is in use by container {user}")
             for n in drop:
                 self._names.pop(n, None)
-            record.repo_tags = [t for t in record.repo_tags if t not in drop]
+            record.repo_tags = tags_left
             record.repo_digests = [d for d in record.repo_digests if d not in drop]
             if record.repo_tags:
                 await self.store.images.put(record.id, record.to_dict())

@@ -323,3 +323,18 @@ def test_recursive_read_only_mounts(pod, tmp_path):
         pod.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=c))
     finally:
         subprocess.run(["umount", str(host / "sub")], check=False)
+
+
+def test_an_image_in_use_is_not_removed(pod):
+    c = pod.run("user", ["sleep", "1000"])
+    images = pod.server.images()
+    for name in (BUSYBOX, pod.image_id):
+        with pytest.raises(grpc.RpcError) as err:
+            images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=name)))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and c in err.value.details()
+    status = images.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=BUSYBOX))).image
+    assert status.id == pod.image_id and list(status.repo_tags) == [BUSYBOX]  # nothing changed
+    assert pod.exec(c, ["true"]).exit_code == 0
+    pod.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=c))
+    images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=BUSYBOX)))
+    assert not images.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=BUSYBOX))).HasField("image")
