@@ -338,3 +338,64 @@ def test_an_image_in_use_is_not_removed(pod):
     pod.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=c))
     images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=BUSYBOX)))
     assert not images.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=BUSYBOX))).HasField("image")
+
+
+def test_termination_message_file_and_fallback_to_logs(pod, tmp_path):
+    message_file = tmp_path / "termination-log"
+    message_file.write_text("")
+    annotations = {"io.kubernetes.container.terminationMessagePath": "/dev/termination-log"}
+    mounts = [cri.Mount(container_path="/dev/termination-log", host_path=str(message_file))]
+    c = pod.run("msg", ["sh", "-c", "echo 'all done' > /dev/termination-log; exit 1"],
+                annotations=annotations, mounts=mounts)
+    assert pod.wait_exit(c).message == "all done\n"
+    fallback = dict(annotations, **{"io.kubernetes.container.terminationMessagePolicy": "FallbackToLogsOnError"})
+    empty = tmp_path / "empty-log"
+    empty.write_text("")
+    mounts = [cri.Mount(container_path="/dev/termination-log", host_path=str(empty))]
+    c = pod.run("fallback", ["sh", "-c", "echo first; echo 'it broke'; exit 2"], annotations=fallback, mounts=mounts)
+    assert pod.wait_exit(c).message == "first\nit broke\n"
+    c = pod.run("fine", ["sh", "-c", "echo quiet"], annotations=fallback, mounts=mounts)
+    assert pod.wait_exit(c).message == ""  # only on error
+
+
+def test_seccomp_devices_pid_namespaces_and_annotations(pod):
+    runtime_default = cri.SecurityProfile(profile_type=cri.SecurityProfile.RuntimeDefault)
+    confined = pod.run("seccomp", ["sh", "-c", "grep Seccomp: /proc/self/status"],
+                       linux=cri.LinuxContainerConfig(security_context=cri.LinuxContainerSecurityContext(
+                           seccomp=runtime_default)))
+    pod.wait_exit(confined)
+    assert pod.log_lines("seccomp") == ["Seccomp:\t2"]  # filter mode
+    unconfined = pod.run("noseccomp", ["sh", "-c", "grep Seccomp: /proc/self/status"],
+                         linux=cri.LinuxContainerConfig(security_context=cri.LinuxContainerSecurityContext(
+                             seccomp=cri.SecurityProfile(profile_type=cri.SecurityProfile.Unconfined))))
+    pod.wait_exit(unconfined)
+    assert pod.log_lines("noseccomp") == ["Seccomp:\t0"]
+
+    devices = [cri.Device(container_path="/dev/mynull", host_path="/dev/null", permissions="rwm")]
+    dev = pod.run("dev", ["sh", "-c", "echo x > /dev/mynull && echo ok; ls -l /dev/mynull"], devices=devices)
+    pod.wait_exit(dev)
+    assert pod.log_lines("dev")[0] == "ok" and pod.log_lines("dev")[1].startswith("crw")
+
+    shared = pod.run("podpid", ["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '"])
+    pod.wait_exit(shared)
+    assert pod.log_lines("podpid")[0].strip() == "/pause"  # the pod's pid namespace: pause is pid 1
+    own_ns = cri.NamespaceOption(pid=cri.CONTAINER)
+    own = pod.run("ownpid", ["sh", "-c", "echo $$"],
+                  linux=cri.LinuxContainerConfig(security_context=cri.LinuxContainerSecurityContext(
+                      namespace_options=own_ns)))
+    pod.wait_exit(own)
+    assert pod.log_lines("ownpid") == ["1"]
+
+    annotated = pod.create("annotated", ["true"], annotations={"example.com/a": "b"})
+    spec = json.loads(pod.status(annotated, verbose=True).info["info"])["runtimeSpec"]
+    assert spec["annotations"]["example.com/a"] == "b"
+    assert spec["annotations"]["io.kubernetes.cri.sandbox-id"] == pod.id
+
+
+def test_strict_supplemental_groups_policy(pod):
+    strict = cri.LinuxContainerSecurityContext(
+        run_as_username="tester", supplemental_groups=[777],
+        supplemental_groups_policy=cri.SupplementalGroupsPolicy.Strict)
+    c = pod.run("strict", ["id", "-G"], linux=cri.LinuxContainerConfig(security_context=strict))
+    pod.wait_exit(c)
+    assert set(pod.log_lines("strict")[0].split()) == {"1234", "777"}  # /etc/group's 4321 is not merged
