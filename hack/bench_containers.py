@@ -189,12 +189,8 @@ def remove_pods(sock: Path) -> None:
             runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=item.id), timeout=240)
 
 
-def ensure_registry() -> bool:
-    """The local registry with the test images; True if this run started it."""
-    if subprocess.run([str(REPO / "hack/registry.sh"), "status"], capture_output=True).returncode == 0:
-        return False
-    subprocess.run([str(REPO / "hack/test-images.sh")], check=True, capture_output=True)
-    return True
+def registry_running() -> bool:
+    return subprocess.run([str(REPO / "hack/registry.sh"), "status"], capture_output=True).returncode == 0
 
 
 def main() -> None:
@@ -202,11 +198,13 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=50)
     parser.add_argument("--log-level", default="warning", help="the server's (debug: every RPC's time)")
     args = parser.parse_args()
-    started_registry = ensure_registry()
+    registry_was_running = registry_running()
     work = Path(tempfile.mkdtemp(prefix="bench-containers-", dir="/var/tmp"))
     forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()
     server = sock = None
     try:
+        if not registry_was_running:  # start it with the test images; stopped again below
+            subprocess.run([str(REPO / "hack/test-images.sh")], check=True, capture_output=True)
         server, sock = start_server(work, args.log_level)
         with grpc.insecure_channel(f"unix://{sock}") as channel:
             runtime = cri_grpc.RuntimeServiceStub(channel)
@@ -247,7 +245,7 @@ def main() -> None:
         subprocess.run(["umount", "-l", str(work / "state/netns")], capture_output=True)
         remove_floor_cgroups()
         shutil.rmtree(work, ignore_errors=True)
-        if started_registry:
+        if not registry_was_running:
             subprocess.run([str(REPO / "hack/registry.sh"), "stop"], capture_output=True)
 
 

@@ -273,7 +273,8 @@ class ContainerManager:
             self._memory_cgroups[container.id] = memory_cgroup_dir(state.pid)
             if container.state == CREATED:  # an instant exit may already have been recorded
                 container.state = RUNNING
-            await self._save(container)
+            # no store write: the shim knows it started (and when); a restarted daemon
+            # reads RUNNING and started_at back from it in reconcile()
 
     async def task_exited(self, state: TaskState) -> None:
         """A container's process ended: record code, time, reason and message."""
@@ -430,7 +431,12 @@ class ContainerManager:
             await self._discard(container)
         for container in list(self.containers.values()):
             task = restored.get(container.id)
-            if container.state in (RUNNING, CREATED) and task is not None and task.status == "stopped":
+            if container.state == CREATED and task is not None and task.status == "running":
+                container.state, container.pid = RUNNING, task.pid
+                container.started_at_ns = task.started_at_ns or container.started_at_ns
+                self._memory_cgroups[container.id] = memory_cgroup_dir(task.pid)
+                await self._save(container)
+            elif container.state in (RUNNING, CREATED) and task is not None and task.status == "stopped":
                 await self.task_exited(task)
             elif container.state in (RUNNING, CREATED) and (task is None or task.status == "unknown"):
                 container.state = UNKNOWN if task is not None else EXITED
