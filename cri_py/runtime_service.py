@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 from cri_api.v1 import api_pb2 as cri
@@ -22,8 +23,16 @@ from cri_py.config import Config
 from cri_py.network.conf import NetworkConfigSource, NetworkNotReady
 from cri_py.container import cri as container_cri
 from cri_py.container.manager import ContainerManager
+from cri_py.events import CREATED, DELETED, STARTED, STOPPED, Event
 from cri_py.sandbox import cri as sandbox_cri
 from cri_py.sandbox.manager import SandboxManager
+
+EVENT_TYPES = {
+    CREATED: cri.CONTAINER_CREATED_EVENT,
+    STARTED: cri.CONTAINER_STARTED_EVENT,
+    STOPPED: cri.CONTAINER_STOPPED_EVENT,
+    DELETED: cri.CONTAINER_DELETED_EVENT,
+}
 
 CRI_VERSION = "0.1.0"  # the version string every CRI runtime reports; the kubelet checks it
 RUNTIME_NAME = "cri-py"
@@ -226,3 +235,29 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     ) -> cri.ReopenContainerLogResponse:
         await self.containers.reopen_log(request.container_id)
         return cri.ReopenContainerLogResponse()
+
+    # --- events ---------------------------------------------------------------------
+
+    async def GetContainerEvents(
+        self, request: cri.GetEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[cri.ContainerEventResponse]:
+        subscription = self.containers.events.subscribe()
+        try:
+            while True:
+                event = await subscription.next()
+                yield self._event_message(event)
+        finally:
+            subscription.close()  # the stream's end (client gone included) ends the subscription
+
+    def _event_message(self, event: Event) -> cri.ContainerEventResponse:
+        response = cri.ContainerEventResponse(
+            container_id=event.container_id,
+            container_event_type=EVENT_TYPES[event.kind],
+            created_at=event.created_at_ns,
+            containers_statuses=[
+                container_cri.container_status(c, self.containers.image_name(c)) for c in event.containers
+            ],
+        )
+        if event.sandbox is not None:
+            response.pod_sandbox_status.CopyFrom(sandbox_cri.sandbox_status(event.sandbox))
+        return response

@@ -27,7 +27,8 @@ from cri_py.errors import grpc_code_for
 from cri_py.image.images import ImageManager
 from cri_py.image.service import ImageService
 from cri_py.metrics.http import MetricsServer
-from cri_py.metrics.registry import grpc_request_duration
+from cri_py.events import EventBus
+from cri_py.metrics.registry import grpc_request_duration, state_gauges
 from cri_py.network.cni import Cni
 from cri_py.network.conf import NetworkConfigSource
 from cri_py.runtime.tasks import TaskManager, TaskState
@@ -223,6 +224,16 @@ class CriServer:
         self.containers: ContainerManager | None = None
         self._lock_fd: int | None = None
 
+    def _state_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Pods and containers by state, for the scrape (runs in the metrics thread: reads only)."""
+        pods: dict[str, int] = {}
+        containers: dict[str, int] = {}
+        for sandbox in list(self.sandboxes.sandboxes.values()) if self.sandboxes else []:
+            pods[sandbox.state] = pods.get(sandbox.state, 0) + 1
+        for container in list(self.containers.containers.values()) if self.containers else []:
+            containers[container.state] = containers.get(container.state, 0) + 1
+        return pods, containers
+
     async def _on_exit(self, state: TaskState) -> None:
         """A task's init process exited: tell whoever owns that id."""
         if self.sandboxes is not None and state.id in self.sandboxes.sandboxes:
@@ -247,7 +258,8 @@ class CriServer:
         # under root, not state: after a reboot DEL still frees IPAM allocations on disk
         cni = Cni(self.config.cni.bin_dirs, os.path.join(self.config.root, "cni", "results"))
         self.sandboxes = SandboxManager(self.config, self.store, images, self.tasks, cni, self.networks)
-        self.containers = ContainerManager(self.config, self.store, images, self.sandboxes, self.tasks)
+        self.containers = ContainerManager(self.config, self.store, images, self.sandboxes, self.tasks, EventBus())
+        state_gauges.counts = self._state_counts
         # records first, so exits the shims saw while we were down find their owners
         interrupted_sandboxes = await self.sandboxes.load_records()
         interrupted_containers = await self.containers.load()

@@ -18,13 +18,16 @@ import signal
 import time
 from typing import Any
 
+from cri_py import events as events_mod
 from cri_py.config import Config
 from cri_py.container import spec as spec_builder
 from cri_py.container.model import CREATED, EXITED, RUNNING, UNKNOWN, Container, ContainerConfig, absolute_log_path
 from cri_py.container.status import exit_reason, memory_cgroup_dir, oom_kills, parse_signal, termination_message
 from cri_py.container.users import effective_user
 from cri_py.errors import FailedPrecondition, InvalidArgument, NotFound
+from cri_py.events import EventBus
 from cri_py.image.images import ImageManager, ImageRecord
+from cri_py.metrics.registry import oom_kills as oom_kills_total
 from cri_py.runtime import mount
 from cri_py.runtime.runc import ExecResult, Runc, exec_sync
 from cri_py.runtime.tasks import TaskManager, TaskSpec, TaskState
@@ -43,9 +46,16 @@ class ContainerManager:
     """Owns container records and the rootfs, bundle and task of each."""
 
     def __init__(
-        self, config: Config, store: Store, images: ImageManager, sandboxes: SandboxManager, tasks: TaskManager
+        self,
+        config: Config,
+        store: Store,
+        images: ImageManager,
+        sandboxes: SandboxManager,
+        tasks: TaskManager,
+        events: EventBus | None = None,
     ) -> None:
         self.config = config
+        self.events = events or EventBus()
         self.store = store
         self.images = images
         self.sandboxes = sandboxes
@@ -60,6 +70,20 @@ class ContainerManager:
         sandboxes.stop_containers = self.stop_all
         sandboxes.remove_containers = self.remove_all
         images.user_of = self.user_of_image
+        sandboxes.notify = self.publish_sandbox
+
+    def publish(self, kind: str, container: Container) -> None:
+        """An event with the pod's sandbox and containers as they are now."""
+        sandbox = self.sandboxes.find(container.sandbox_id)
+        pod_containers = [c for c in self.list() if c.sandbox_id == container.sandbox_id]
+        if kind == events_mod.DELETED and container not in pod_containers:
+            pod_containers.append(container)
+        self.events.publish(kind, container.id, time.time_ns(), sandbox, pod_containers)
+
+    def publish_sandbox(self, kind: str, sandbox: Sandbox) -> None:
+        """A pod's own event: container_id is the sandbox's, as containerd sends it."""
+        pod_containers = [c for c in self.list() if c.sandbox_id == sandbox.id]
+        self.events.publish(kind, sandbox.id, time.time_ns(), sandbox, pod_containers)
 
     def user_of_image(self, image_id: str) -> str | None:
         """A container whose rootfs or image volume uses the image (removing it would break it)."""
@@ -165,6 +189,7 @@ class ContainerManager:
                 await self._build(container, sandbox, image)
                 self._creating.discard(container.id)
                 await self._save(container)
+            self.publish(events_mod.CREATED, container)
         except BaseException as exc:
             log.info("CreateContainer %s failed, rolling back: %s", name, exc)
             await asyncio.shield(self._discard(container))
@@ -275,6 +300,7 @@ class ContainerManager:
                 container.state = RUNNING
             # no store write: the shim knows it started (and when); a restarted daemon
             # reads RUNNING and started_at back from it in reconcile()
+            self.publish(events_mod.STARTED, container)
 
     async def task_exited(self, state: TaskState) -> None:
         """A container's process ended: record code, time, reason and message."""
@@ -293,7 +319,10 @@ class ContainerManager:
         container.message = await asyncio.to_thread(
             termination_message, container.config.annotations, host_paths, container.exit_code, container.log_path
         )
+        if oom:
+            oom_kills_total.inc()
         await self._save(container)
+        self.publish(events_mod.STOPPED, container)
 
     def stop_signal(self, container: Container) -> int:
         """The config's stop signal, else the image's StopSignal, else SIGTERM."""
@@ -348,6 +377,7 @@ class ContainerManager:
 
     async def _discard(self, container: Container) -> None:
         """Undo everything a container may have; each step tolerates absence."""
+        created = container.id not in self._creating
         await self.tasks.delete(container.id)
         if container.rootfs_path:
             await asyncio.to_thread(mount.unmount, container.rootfs_path, True)
@@ -364,6 +394,8 @@ class ContainerManager:
         name = self._names.pop(container.id, "")
         if name and self.names.holder(name) == container.id:
             self.names.release(name)
+        if created:
+            self.publish(events_mod.DELETED, container)
 
     # --- exec, resources, logs ------------------------------------------------------------
 

@@ -15,17 +15,18 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from cri_py.config import Config
-from cri_py.errors import FailedPrecondition
+from cri_py.errors import FailedPrecondition, grpc_code_for
 from cri_py.image.archive import read_archive
 from cri_py.image.content import ContentStore, SnapshotStore
 from cri_py.image.pull import Layer, Puller, ResolvedImage
 from cri_py.image.reference import Reference, is_image_id, parse_reference
 from cri_py.image.registry import Credentials, RegistryClient
+from cri_py.metrics.registry import image_pull_bytes, image_pull_duration, image_pulls
 from cri_py.store import Store
 
 log = logging.getLogger(__name__)
@@ -130,13 +131,17 @@ class ImageManager:
         ref = parse_reference(name)
         client = RegistryClient(self.config.registry, credentials)
         held: list[str] = []
+        start = time.perf_counter()
         try:
             resolved, endpoint, repository = await self.puller.resolve(client, ref)
             held = resolved.blobs + [layer.chain_id for layer in resolved.layers]
             self.puller.hold(held)
             await self.puller.fetch_layers(client, endpoint, repository, resolved.layers)
-            return await self._record(ref, resolved)
-        except BaseException:
+            record = await self._record(ref, resolved)
+            _count_pull("success", start, resolved.size)
+            return record
+        except BaseException as exc:
+            _count_pull(grpc_code_for(exc).name, start, 0)
             self.puller.release(held)
             held = []
             await self.collect_garbage()
@@ -264,6 +269,14 @@ class ImageManager:
             self._usage = (time.time(), used, inodes)
         stamp, used, inodes = self._usage
         return stamp, used, inodes, mountpoint_of(self.config.root)
+
+
+def _count_pull(result: str, start: float, size: int) -> None:
+    """Image pull metrics: count, duration and bytes, by result."""
+    image_pulls.labels(result).inc()
+    image_pull_duration.labels(result).observe(time.perf_counter() - start)
+    if size:
+        image_pull_bytes.inc(size)
 
 
 def _layer_dict(layer: Layer) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from cri_py import errors
+from cri_py.metrics.registry import shim_starts
 from cri_py.runtime import shim_client
 from cri_py.runtime.launch import ExecSpawner, LauncherSpawner, ShimHandle, Spawner
 from cri_py.runtime.runc import Runc, RuncError, RuncNotFound
@@ -147,6 +148,7 @@ class TaskManager:
                 handle = await self._spawner.spawn(task_dir)
                 state = await asyncio.wait_for(self._created_state(spec, task_dir), timeout)
             except BaseException as exc:
+                shim_starts.labels("failure").inc()
                 # a reported create error means the shim is exiting by itself; after a
                 # timeout or cancellation it may still be inside runc create: kill it
                 stuck = not isinstance(exc, errors.CriError)
@@ -154,6 +156,7 @@ class TaskManager:
                 if isinstance(exc, asyncio.TimeoutError):
                     raise asyncio.TimeoutError(f"creating task {spec.id} took over {timeout}s") from None
                 raise
+            shim_starts.labels("success").inc()
             task = _Task(spec.id, task_dir, spec)
             if handle.popen is not None:
                 task.shim = handle  # exec mode: we must collect it when it exits

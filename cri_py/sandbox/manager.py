@@ -30,6 +30,7 @@ from typing import Any
 from cri_py.config import Config
 from cri_py.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from cri_py.image.images import ImageManager, ImageRecord
+from cri_py.metrics.registry import cni_duration, timed
 from cri_py.network.cni import Cni, CniRequest
 from cri_py.network.conf import NetworkConfigSource, NetworkNotReady
 from cri_py.network.netns import create_netns, remove_netns
@@ -113,6 +114,8 @@ class SandboxManager:
         # set by the container service: stop / remove every container of a sandbox
         self.stop_containers: ContainerHook | None = None
         self.remove_containers: ContainerHook | None = None
+        # set by the container service: a lifecycle event of the pod itself
+        self.notify: Callable[[str, Sandbox], None] = lambda kind, sandbox: None
 
     # --- paths -------------------------------------------------------------------
 
@@ -218,7 +221,8 @@ class SandboxManager:
         steps.mark("record+image")
         if network is not None:
             await asyncio.to_thread(create_netns, sandbox.netns_path)
-            result = await self.cni.add(network, self._cni_request(sandbox))
+            with timed(cni_duration, operation="ADD"):
+                result = await self.cni.add(network, self._cni_request(sandbox))
             if result.ips:
                 sandbox.ip, sandbox.additional_ips = result.ips[0], result.ips[1:]
             steps.mark("network")
@@ -235,6 +239,8 @@ class SandboxManager:
         sandbox.state = READY
         await self._save(sandbox)
         steps.mark("ready")
+        self.notify("CREATED", sandbox)
+        self.notify("STARTED", sandbox)
         log.debug("sandbox %s (%s) started: %s", sandbox.id[:12], cfg.full_name, steps)
 
     def _plan(self, sandbox: Sandbox, network_name: str) -> None:
@@ -341,6 +347,7 @@ class SandboxManager:
             if sandbox.state != NOTREADY:
                 sandbox.state = NOTREADY
                 await self._save(sandbox)
+                self.notify("STOPPED", sandbox)
 
     async def _stop_pause(self, sandbox: Sandbox) -> None:
         """The pause holds no state worth a graceful stop: SIGKILL, wait, delete the task."""
@@ -354,7 +361,8 @@ class SandboxManager:
     async def _teardown_network(self, sandbox: Sandbox) -> None:
         """CNI DEL from the cached result (works after a restart and with the netns gone)."""
         if sandbox.cni_network or sandbox.netns_path:
-            await self.cni.delete(self._current_network(sandbox), self._cni_request(sandbox))
+            with timed(cni_duration, operation="DEL"):
+                await self.cni.delete(self._current_network(sandbox), self._cni_request(sandbox))
         if sandbox.netns_path:
             await asyncio.to_thread(remove_netns, sandbox.netns_path)
 
@@ -376,6 +384,7 @@ class SandboxManager:
             if self.remove_containers is not None:
                 await self.remove_containers(sandbox.id)
             await self._discard(sandbox)
+            self.notify("DELETED", sandbox)
 
     async def _discard(self, sandbox: Sandbox) -> None:
         """Undo everything the record says exists; every step tolerates absence."""
@@ -400,6 +409,7 @@ class SandboxManager:
         if sandbox is not None and sandbox.state == READY:
             sandbox.state = NOTREADY
             await self._save(sandbox)
+            self.notify("STOPPED", sandbox)
 
     async def load_records(self) -> list[Sandbox]:
         """Rebuild from the store; returns sandboxes whose creation a crash interrupted."""

@@ -399,3 +399,41 @@ def test_strict_supplemental_groups_policy(pod):
     c = pod.run("strict", ["id", "-G"], linux=cri.LinuxContainerConfig(security_context=strict))
     pod.wait_exit(c)
     assert set(pod.log_lines("strict")[0].split()) == {"1234", "777"}  # /etc/group's 4321 is not merged
+
+
+def test_events_follow_a_container_life_for_two_subscribers(pod):
+    import threading
+
+    calls = [pod.server.runtime().GetContainerEvents(cri.GetEventsRequest()) for _ in range(2)]
+    sinks: list[list] = [[], []]
+
+    def drain(call, sink: list) -> None:
+        try:
+            for event in call:
+                sink.append(event)
+        except grpc.RpcError:
+            pass  # cancelled at the end of the test
+
+    threads = [threading.Thread(target=drain, args=(call, sink)) for call, sink in zip(calls, sinks)]
+    for t in threads:
+        t.start()
+    try:
+        # the subscriptions are live once a pod-level event reaches them
+        probe = pod.run("probe", ["true"])
+        wait_for(lambda: all(any(e.container_id == probe for e in sink) for sink in sinks), what="subscriptions")
+        c = pod.run("evented", ["sh", "-c", "exit 5"])
+        pod.wait_exit(c)
+        pod.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=c))
+        expected = [cri.CONTAINER_CREATED_EVENT, cri.CONTAINER_STARTED_EVENT,
+                    cri.CONTAINER_STOPPED_EVENT, cri.CONTAINER_DELETED_EVENT]
+        for sink in sinks:
+            wait_for(lambda s=sink: [e.container_event_type for e in s if e.container_id == c] == expected,
+                     what="the four events of the container")
+            stopped = [e for e in sink if e.container_id == c][2]
+            assert stopped.pod_sandbox_status.id == pod.id
+            assert [st.exit_code for st in stopped.containers_statuses if st.id == c] == [5]
+    finally:
+        for call in calls:
+            call.cancel()
+        for t in threads:
+            t.join(10)
