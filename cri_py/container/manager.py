@@ -333,8 +333,12 @@ class ContainerManager:
         return parse_signal(runtime_config.get("StopSignal"))
 
     async def stop(self, container_id: str, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
-        """StopContainer: the stop signal, SIGKILL after `timeout`; stopping a stopped one is fine."""
-        container = self.get(container_id)
+        """StopContainer: the stop signal, SIGKILL after `timeout`; stopping a stopped or an
+        absent one is fine (the CRI requires Stop calls to be idempotent)."""
+        try:
+            container = self.get(container_id)
+        except NotFound:
+            return
         async with self.lock(container.id):
             await self._stop(container, timeout)
 

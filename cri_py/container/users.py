@@ -163,9 +163,11 @@ def group_entries(rootfs: str) -> list[GroupEntry]:
 def user_string(image_user: str, run_as_user: int | None, run_as_group: int | None, run_as_username: str) -> str:
     """The one `user[:group]` string to resolve: the config's identity wins over the image's.
 
-    run_as_group alone keeps the image's user with the config's group (CRI-O's reading;
-    containerd refuses it, though the Kubernetes API allows runAsGroup without runAsUser).
+    run_as_group needs run_as_user or run_as_username: the CRI says a runtime MUST
+    refuse it alone (critest checks), as containerd does.
     """
+    if run_as_group is not None and run_as_user is None and not run_as_username:
+        raise InvalidArgument("run_as_group is set without run_as_user or run_as_username")
     user = run_as_username or (str(run_as_user) if run_as_user is not None else "")
     group = ""
     if not user:

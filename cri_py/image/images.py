@@ -108,8 +108,8 @@ class ImageManager:
     def resolve(self, name: str) -> ImageRecord | None:
         """The image a CRI ImageSpec names: by id, repo tag, or repo digest."""
         image_id = is_image_id(name)
-        if image_id is not None and image_id in self._images:
-            return self._images[image_id]
+        if image_id is not None:
+            return self._images.get(image_id)  # an id, known or not, is never a repository name
         ref = parse_reference(name)
         image_id = self._names.get(ref.docker_ref)
         if image_id is None and ref.digest is not None:

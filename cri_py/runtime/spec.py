@@ -53,14 +53,32 @@ DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 
 
 def all_capabilities() -> list[str]:
-    """Every capability this kernel knows (for privileged containers)."""
+    """Every capability we can grant (privileged containers, "ALL"): those of the kernel
+    that are in our own bounding set.
+
+    A node running inside a restricted environment (no CAP_SYS_RESOURCE here, say)
+    cannot hand out what it lacks; asking runc for it fails "unable to apply caps".
+    """
     try:
         with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as fh:
             last = int(fh.read())
     except OSError:
         last = 40
+    bounding = _own_bounding_set()
     names = _CAP_NAMES[: last + 1]
-    return [f"CAP_{name}" for name in names]
+    return [f"CAP_{name}" for bit, name in enumerate(names) if bounding >> bit & 1]
+
+
+def _own_bounding_set() -> int:
+    """CapBnd of this process, as a bit mask (all bits when it cannot be read)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("CapBnd:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return (1 << 64) - 1
 
 
 _CAP_NAMES = [

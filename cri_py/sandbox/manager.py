@@ -335,8 +335,12 @@ class SandboxManager:
     # --- stop and remove -----------------------------------------------------------
 
     async def stop(self, sandbox_id: str) -> None:
-        """StopPodSandbox: containers, pause, network and shm go; the record stays."""
-        sandbox = self.get(sandbox_id)
+        """StopPodSandbox: containers, pause, network and shm go; the record stays.
+
+        Stopping an absent sandbox succeeds, as the CRI requires of Stop calls."""
+        sandbox = self.find(sandbox_id)
+        if sandbox is None or sandbox.state == CREATING:
+            return
         async with self.lock(sandbox.id):
             if self.stop_containers is not None:
                 await self.stop_containers(sandbox.id)

@@ -437,3 +437,44 @@ def test_events_follow_a_container_life_for_two_subscribers(pod):
             call.cancel()
         for t in threads:
             t.join(10)
+
+
+def test_critest_findings_stop_absent_ids_privileged_and_group_without_user(pod):
+    # Stop calls are idempotent for ids that do not exist (the kubelet relies on it)
+    pod.runtime.StopContainer(cri.StopContainerRequest(container_id="0" * 64, timeout=1))
+    pod.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id="0" * 64))
+    # an unknown bare image id is an absent image, not a bad reference
+    images = pod.server.images()
+    assert not images.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image="0" * 64))).HasField("image")
+    images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image="0" * 64)))
+    # run_as_group without a user is refused, as the CRI requires
+    group_only = cri.LinuxContainerSecurityContext(run_as_group=cri.Int64Value(value=5))
+    with pytest.raises(grpc.RpcError) as err:
+        pod.create("grouponly", ["true"], linux=cri.LinuxContainerConfig(security_context=group_only))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_privileged_container_in_a_privileged_pod_gets_the_caps_we_have(server_factory, local_registry, tmp_path):
+    net = PodNetwork(tmp_path / "cni", index=199)
+    server = server_factory(MIRRORS + net.server_config(), start=False)
+    net.attach(server)
+    net.write_conflist(server.conf_dir)
+    server.start()
+    runtime = server.runtime()
+    config = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="priv", namespace="e2e", uid="uid-priv"), log_directory=str(tmp_path / "l"))
+    config.linux.security_context.privileged = True
+    try:
+        sandbox_id = runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config), timeout=120).pod_sandbox_id
+        pod = Pod(server, sandbox_id, config, tmp_path / "l")
+        privileged = cri.LinuxContainerSecurityContext(privileged=True)
+        c = pod.run("priv", ["sh", "-c", "grep CapEff /proc/self/status"],
+                    linux=cri.LinuxContainerConfig(security_context=privileged))
+        st = pod.wait_exit(c)
+        assert st.exit_code == 0
+        own = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("CapBnd"))
+        assert pod.log_lines("priv")[0].split()[1] == own.split()[1]  # exactly our bounding set
+    finally:
+        for item in runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items:
+            runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=item.id), timeout=120)
+        net.cleanup()

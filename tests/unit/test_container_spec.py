@@ -395,8 +395,9 @@ def test_user_precedence(rootfs):
     assert resolve_user(rootfs, "app:staff", 1, None, "")[:2] == (1, 1)  # config user wins, image group dropped
     assert resolve_user(rootfs, "app", 1, 5, "")[:2] == (1, 5)
     assert resolve_user(rootfs, "", 1, None, "app")[:2] == (1000, 1001)  # username wins over uid
-    assert resolve_user(rootfs, "app", None, 9, "")[:2] == (1000, 9)  # group alone keeps the image user
-    assert user_string("", None, 9, "") == "0:9"
+    with pytest.raises(InvalidArgument, match="run_as_group is set without"):
+        resolve_user(rootfs, "app", None, 9, "")  # the CRI requires a user with a group
+    assert user_string("", 0, 9, "") == "0:9"
 
 
 def test_unknown_names_are_invalid(rootfs):
