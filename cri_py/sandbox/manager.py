@@ -81,6 +81,8 @@ def validate(cfg: SandboxConfig) -> None:
             raise InvalidArgument(f"sandbox config metadata.{field_name} is required")
     if cfg.attempt < 0:
         raise InvalidArgument("sandbox config metadata.attempt must not be negative")
+    if cfg.run_as_group is not None and cfg.run_as_user is None:
+        raise InvalidArgument("sandbox run_as_group is set without run_as_user")
     for mapping in cfg.port_mappings:
         if mapping.protocol not in ("tcp", "udp", "sctp"):
             raise InvalidArgument(f"port mapping protocol {mapping.protocol!r} is not tcp, udp or sctp")

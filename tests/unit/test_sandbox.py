@@ -118,3 +118,8 @@ def test_systemd_cgroups_path():
 @pytest.mark.parametrize("value, bits", [("10M", 10_000_000), ("1Gi", 2**30), ("500k", 500_000), ("123", 123)])
 def test_bandwidth_quantities(value, bits):
     assert _parse_quantity(value) == bits
+
+
+def test_group_without_user_is_refused():
+    with pytest.raises(InvalidArgument, match="run_as_group"):
+        validate(SandboxConfig("n", "ns", "u", run_as_group=5))
