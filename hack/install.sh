@@ -10,7 +10,7 @@ cd "$repo"
 
 packages=(
   runc containernetworking-plugins iproute2 iptables util-linux
-  busybox-static docker-registry apache2-utils
+  busybox-static docker-registry apache2-utils prometheus
   gcc libc6-dev zstd curl ca-certificates
   python3 python3-venv python3-dev
 )

@@ -478,3 +478,17 @@ def test_privileged_container_in_a_privileged_pod_gets_the_caps_we_have(server_f
         for item in runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items:
             runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=item.id), timeout=120)
         net.cleanup()
+
+
+def test_metrics_count_pods_containers_pulls_cni_and_shims(pod):
+    import urllib.request
+
+    c = pod.run("counted", ["sleep", "1000"])
+    with urllib.request.urlopen(f"http://127.0.0.1:{pod.server.metrics_port}/metrics", timeout=5) as response:
+        body = response.read().decode()
+    assert 'cri_py_pods{state="READY"} 1.0' in body
+    assert 'cri_py_containers{state="CONTAINER_RUNNING"} 1.0' in body
+    assert 'cri_py_image_pulls_total{result="success"}' in body
+    assert 'cri_py_cni_operation_duration_seconds_count{operation="ADD",result="success"} 1.0' in body
+    assert 'cri_py_shim_starts_total{result="success"} 2.0' in body  # the pause and this container
+    pod.runtime.StopContainer(cri.StopContainerRequest(container_id=c, timeout=5))
