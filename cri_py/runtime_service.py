@@ -23,9 +23,14 @@ from cri_py.config import Config
 from cri_py.network.conf import NetworkConfigSource, NetworkNotReady
 from cri_py.container import cri as container_cri
 from cri_py.container.manager import ContainerManager
+from cri_py.container.model import RUNNING, Container
 from cri_py.events import CREATED, DELETED, STARTED, STOPPED, Event
+from cri_py.image.images import mountpoint_of
+from cri_py.metrics import cri as stats_cri
+from cri_py.metrics.stats import StatsCollector
 from cri_py.sandbox import cri as sandbox_cri
 from cri_py.sandbox.manager import SandboxManager
+from cri_py.sandbox.model import READY, Sandbox
 
 EVENT_TYPES = {
     CREATED: cri.CONTAINER_CREATED_EVENT,
@@ -84,6 +89,9 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
         self.health = health
         self.sandboxes = sandboxes
         self.containers = containers
+        self.stats = StatsCollector()
+        self._mountpoint = mountpoint_of(config.root)
+        containers.forget_stats = self.stats.forget
 
     async def Version(self, request: cri.VersionRequest, context: grpc.aio.ServicerContext) -> cri.VersionResponse:
         return cri.VersionResponse(
@@ -138,7 +146,10 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     async def RemovePodSandbox(
         self, request: cri.RemovePodSandboxRequest, context: grpc.aio.ServicerContext
     ) -> cri.RemovePodSandboxResponse:
+        sandbox = self.sandboxes.find(request.pod_sandbox_id)
         await self.sandboxes.remove(request.pod_sandbox_id)
+        if sandbox is not None:
+            self.stats.forget(sandbox.id)
         return cri.RemovePodSandboxResponse()
 
     async def PodSandboxStatus(
@@ -261,3 +272,60 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
         if event.sandbox is not None:
             response.pod_sandbox_status.CopyFrom(sandbox_cri.sandbox_status(event.sandbox))
         return response
+
+    # --- stats ------------------------------------------------------------------------
+
+    def _container_sample(self, container: Container) -> cri.ContainerStats:
+        """Blocking (cgroup files, a cached walk of the writable layer): run in a thread."""
+        sample = None
+        if container.state == RUNNING and container.pid:
+            sample = self.stats.container(container.id, container.pid, self.containers.upper_dir(container.id))
+        return stats_cri.container_stats(container, sample, self._mountpoint)
+
+    def _sandbox_sample(self, sandbox: Sandbox) -> cri.PodSandboxStats:
+        containers = [self._container_sample(c) for c in self.containers.list() if c.sandbox_id == sandbox.id]
+        sample = None
+        if sandbox.state == READY and sandbox.pid:
+            sample = self.stats.pod(sandbox.id, sandbox.pid, bool(sandbox.config.cgroup_parent), sandbox.netns_path)
+        return stats_cri.sandbox_stats(sandbox, sample, containers)
+
+    async def ContainerStats(
+        self, request: cri.ContainerStatsRequest, context: grpc.aio.ServicerContext
+    ) -> cri.ContainerStatsResponse:
+        container = self.containers.get(request.container_id)
+        stats = await asyncio.to_thread(self._container_sample, container)
+        return cri.ContainerStatsResponse(stats=stats)
+
+    async def ListContainerStats(
+        self, request: cri.ListContainerStatsRequest, context: grpc.aio.ServicerContext
+    ) -> cri.ListContainerStatsResponse:
+        flt = request.filter
+        chosen = [
+            c
+            for c in self.containers.list()
+            if (not flt.id or c.id.startswith(flt.id))
+            and (not flt.pod_sandbox_id or c.sandbox_id.startswith(flt.pod_sandbox_id))
+            and all(c.config.labels.get(k) == v for k, v in flt.label_selector.items())
+        ]
+        stats = await asyncio.to_thread(lambda: [self._container_sample(c) for c in chosen])
+        return cri.ListContainerStatsResponse(stats=stats)
+
+    async def PodSandboxStats(
+        self, request: cri.PodSandboxStatsRequest, context: grpc.aio.ServicerContext
+    ) -> cri.PodSandboxStatsResponse:
+        sandbox = self.sandboxes.get(request.pod_sandbox_id)
+        stats = await asyncio.to_thread(self._sandbox_sample, sandbox)
+        return cri.PodSandboxStatsResponse(stats=stats)
+
+    async def ListPodSandboxStats(
+        self, request: cri.ListPodSandboxStatsRequest, context: grpc.aio.ServicerContext
+    ) -> cri.ListPodSandboxStatsResponse:
+        flt = request.filter
+        chosen = [
+            s
+            for s in self.sandboxes.list()
+            if (not flt.id or s.id.startswith(flt.id))
+            and all(s.config.labels.get(k) == v for k, v in flt.label_selector.items())
+        ]
+        stats = await asyncio.to_thread(lambda: [self._sandbox_sample(s) for s in chosen])
+        return cri.ListPodSandboxStatsResponse(stats=stats)

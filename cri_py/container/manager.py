@@ -16,6 +16,7 @@ import secrets
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from cri_py import events as events_mod
@@ -65,6 +66,8 @@ class ContainerManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._memory_cgroups: dict[str, str] = {}
         self._creating: set[str] = set()
+        self._exiting: set[str] = set()  # exits being recorded right now
+        self.forget_stats: Callable[[str], None] = lambda key: None  # set by the stats edge
         self._names: dict[str, str] = {}  # id -> reserved name
         self._warned_oom_clamp = False
         sandboxes.stop_containers = self.stop_all
@@ -105,6 +108,10 @@ class ContainerManager:
         """The reserved name: one container of a name per pod and attempt."""
         pod = sandbox.config
         return f"{cfg.name}_{pod.name}_{pod.namespace}_{pod.uid}_{cfg.attempt}"
+
+    def upper_dir(self, container_id: str) -> str:
+        """The container's writable layer (overlay upper dir)."""
+        return os.path.join(self._root_dir(container_id), "upper")
 
     def lock(self, container_id: str) -> asyncio.Lock:
         return self._locks.setdefault(container_id, asyncio.Lock())
@@ -198,7 +205,7 @@ class ContainerManager:
 
     async def _build(self, container: Container, sandbox: Sandbox, image: ImageRecord) -> None:
         cfg = container.config
-        upper, work = os.path.join(self._root_dir(container.id), "upper"), os.path.join(self._root_dir(container.id), "work")
+        upper, work = self.upper_dir(container.id), os.path.join(self._root_dir(container.id), "work")
         for path in (container.rootfs_path, upper, work, container.bundle):
             os.makedirs(path, exist_ok=True)
         lowers = [self.images.snapshots.path(chain_id) for chain_id in reversed(image.chain_ids)]
@@ -303,22 +310,32 @@ class ContainerManager:
             self.publish(events_mod.STARTED, container)
 
     async def task_exited(self, state: TaskState) -> None:
-        """A container's process ended: record code, time, reason and message."""
+        """A container's process ended: record code, time, reason and message.
+
+        Everything is worked out first and assigned at once (no await in between), so
+        a status read never sees EXITED without its reason and message, and two reports
+        of one exit (the shim's, a stop's own wait) record it once.
+        """
         container = self.containers.get(state.id)
-        if container is None or container.state == EXITED:
+        if container is None or container.state == EXITED or container.id in self._exiting:
             return
-        cgroup = self._memory_cgroups.pop(container.id, "")
-        oom = bool(cgroup) and oom_kills(cgroup) > 0
-        container.state = EXITED
-        container.exit_code = state.exit_code if state.exit_code is not None else 255
-        container.finished_at_ns = state.exited_at_ns or time.time_ns()
-        if not container.started_at_ns:
-            container.started_at_ns = state.started_at_ns
-        container.reason = exit_reason(container.exit_code, oom)
-        host_paths = {m.container_path: m.host_path for m in container.config.mounts if m.host_path}
-        container.message = await asyncio.to_thread(
-            termination_message, container.config.annotations, host_paths, container.exit_code, container.log_path
-        )
+        self._exiting.add(container.id)
+        try:
+            cgroup = self._memory_cgroups.pop(container.id, "")
+            oom = bool(cgroup) and oom_kills(cgroup) > 0
+            exit_code = state.exit_code if state.exit_code is not None else 255
+            host_paths = {m.container_path: m.host_path for m in container.config.mounts if m.host_path}
+            message = await asyncio.to_thread(
+                termination_message, container.config.annotations, host_paths, exit_code, container.log_path
+            )
+            container.exit_code = exit_code
+            container.finished_at_ns = state.exited_at_ns or time.time_ns()
+            container.started_at_ns = container.started_at_ns or state.started_at_ns
+            container.reason = exit_reason(exit_code, oom)
+            container.message = message
+            container.state = EXITED
+        finally:
+            self._exiting.discard(container.id)
         if oom:
             oom_kills_total.inc()
         await self._save(container)
@@ -395,6 +412,7 @@ class ContainerManager:
         self._creating.discard(container.id)
         self._locks.pop(container.id, None)
         self._memory_cgroups.pop(container.id, None)
+        self.forget_stats(container.id)
         name = self._names.pop(container.id, "")
         if name and self.names.holder(name) == container.id:
             self.names.release(name)

@@ -11,6 +11,7 @@ import os
 import signal
 
 from cri_py.errors import InvalidArgument
+from cri_py.metrics import cgroups
 
 MAX_MESSAGE_BYTES = 4096  # the kubelet's own cap on a termination message
 FALLBACK_LOG_LINES = 80
@@ -21,21 +22,8 @@ TERMINATION_POLICY_ANNOTATION = "io.kubernetes.container.terminationMessagePolic
 
 
 def memory_cgroup_dir(pid: int) -> str:
-    """The memory cgroup of a live process (v1 memory controller, or the v2 unified dir)."""
-    try:
-        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return ""
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            return os.path.join("/sys/fs/cgroup/memory", path.lstrip("/"))
-    for line in lines:
-        hierarchy, controllers, path = line.split(":", 2)
-        if hierarchy == "0" and controllers == "":
-            return os.path.join("/sys/fs/cgroup", path.lstrip("/"))
-    return ""
+    """The memory cgroup dir of a live process; resolution lives in metrics.cgroups (real mount points)."""
+    return cgroups.memory_cgroup_dir(pid)
 
 
 def oom_kills(cgroup_dir: str) -> int:

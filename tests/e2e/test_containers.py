@@ -59,9 +59,11 @@ class Pod:
     def log(self, name: str, index: int = 0) -> str:
         return (self.log_dir / name / f"{index}.log").read_text()
 
-    def log_lines(self, name: str) -> list[str]:
-        """The container's output lines, from the CRI-format records."""
-        return [line.split(" ", 3)[3] for line in self.log(name).splitlines()]
+    def log_lines(self, name: str, stream: str = "stdout") -> list[str]:
+        """One stream's output lines, from the CRI-format records (the two streams are
+        separate pipes: their relative order in the file is not the program's)."""
+        records = [line.split(" ", 3) for line in self.log(name).splitlines()]
+        return [r[3] if len(r) == 4 else "" for r in records if r[1] == stream]
 
     def exec(self, container_id: str, cmd: list[str], timeout: int = 10) -> cri.ExecSyncResponse:
         return self.runtime.ExecSync(cri.ExecSyncRequest(container_id=container_id, cmd=cmd, timeout=timeout), timeout=60)

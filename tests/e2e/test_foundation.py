@@ -42,6 +42,10 @@ IMPLEMENTED = {
     "RuntimeService/ExecSync",
     "RuntimeService/ReopenContainerLog",
     "RuntimeService/GetContainerEvents",
+    "RuntimeService/ContainerStats",
+    "RuntimeService/ListContainerStats",
+    "RuntimeService/PodSandboxStats",
+    "RuntimeService/ListPodSandboxStats",
 }
 
 
