@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cri_py.config import Config
+from cri_py.diskusage import disk_usage
 from cri_py.errors import FailedPrecondition, grpc_code_for
 from cri_py.image.archive import read_archive
 from cri_py.image.content import ContentStore, SnapshotStore
@@ -285,30 +286,12 @@ def _layer_dict(layer: Layer) -> dict[str, Any]:
 
 
 def _tree_usage(roots: list[str]) -> tuple[int, int]:
-    """Bytes (allocated blocks) and inodes under `roots`, hard links counted once."""
-    seen: set[tuple[int, int]] = set()
+    """Bytes (allocated blocks) and inodes under all of `roots`."""
     used = inodes = 0
-    stack = list(roots)
-    while stack:
-        path = stack.pop()
-        try:
-            entries = os.scandir(path)
-        except OSError:
-            continue
-        with entries:
-            for entry in entries:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    continue
-                seen.add(key)
-                used += st.st_blocks * 512
-                inodes += 1
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
+    for root in roots:
+        usage = disk_usage(root)
+        if usage is not None:
+            used, inodes = used + usage[0], inodes + usage[1]
     return used, inodes
 
 

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cri_py.diskusage import disk_usage
 from cri_py.metrics.cgroups import (
     CgroupDirs,
     MemoryStats,
@@ -117,46 +117,6 @@ def nano_cores(prev_usage_ns: int, prev_mono_ns: int, usage_ns: int, mono_ns: in
     if elapsed <= 0 or used < 0:
         return None
     return round(used * 1_000_000_000 / elapsed)
-
-
-def disk_usage(root: str) -> tuple[int, int] | None:
-    """(allocated bytes, inode count) of the tree at `root`, or None if it is gone.
-
-    Bytes are st_blocks * 512, what the layer costs the disk (sparse files are cheap,
-    small files cost a block), as containerd's snapshotter usage reports. The root
-    itself counts, and a hard-linked file counts once. Entries vanishing mid-walk
-    (the container is writing) are skipped.
-    """
-    try:
-        top = os.lstat(root)
-    except OSError:
-        return None
-    if not stat.S_ISDIR(top.st_mode):
-        return None
-    total, inodes = top.st_blocks * 512, 1
-    linked: set[tuple[int, int]] = set()
-    stack = [root]
-    while stack:
-        try:
-            entries = os.scandir(stack.pop())
-        except OSError:
-            continue
-        with entries:
-            for entry in entries:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(entry.path)
-                elif st.st_nlink > 1:
-                    ident = (st.st_dev, st.st_ino)
-                    if ident in linked:
-                        continue
-                    linked.add(ident)
-                total += st.st_blocks * 512
-                inodes += 1
-    return total, inodes
 
 
 def parse_net_dev(text: str) -> dict[str, dict[str, int]]:
