@@ -27,7 +27,7 @@ from cri_py.container.model import RUNNING, Container
 from cri_py.events import CREATED, DELETED, STARTED, STOPPED, Event
 from cri_py.image.images import mountpoint_of
 from cri_py.metrics import cri as stats_cri
-from cri_py.metrics.stats import StatsCollector
+from cri_py.metrics.stats import ContainerSample, PodSample, StatsCollector
 from cri_py.sandbox import cri as sandbox_cri
 from cri_py.sandbox.manager import SandboxManager
 from cri_py.sandbox.model import READY, Sandbox
@@ -275,19 +275,45 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
 
     # --- stats ------------------------------------------------------------------------
 
+    def _raw_container_sample(self, container: Container) -> ContainerSample | None:
+        """Blocking (cgroup files, a cached walk of the writable layer): run in a thread.
+        Only a running container has a cgroup to read."""
+        if container.state != RUNNING or not container.pid:
+            return None
+        return self.stats.container(container.id, container.pid, self.containers.upper_dir(container.id))
+
+    def _raw_pod_sample(self, sandbox: Sandbox) -> PodSample | None:
+        if sandbox.state != READY or not sandbox.pid:
+            return None
+        return self.stats.pod(sandbox.id, sandbox.pid, bool(sandbox.config.cgroup_parent), sandbox.netns_path)
+
+    def _pod_containers(self, sandbox: Sandbox) -> list[Container]:
+        return [c for c in self.containers.list() if c.sandbox_id == sandbox.id]
+
     def _container_sample(self, container: Container) -> cri.ContainerStats:
-        """Blocking (cgroup files, a cached walk of the writable layer): run in a thread."""
-        sample = None
-        if container.state == RUNNING and container.pid:
-            sample = self.stats.container(container.id, container.pid, self.containers.upper_dir(container.id))
-        return stats_cri.container_stats(container, sample, self._mountpoint)
+        return stats_cri.container_stats(container, self._raw_container_sample(container), self._mountpoint)
 
     def _sandbox_sample(self, sandbox: Sandbox) -> cri.PodSandboxStats:
-        containers = [self._container_sample(c) for c in self.containers.list() if c.sandbox_id == sandbox.id]
-        sample = None
-        if sandbox.state == READY and sandbox.pid:
-            sample = self.stats.pod(sandbox.id, sandbox.pid, bool(sandbox.config.cgroup_parent), sandbox.netns_path)
-        return stats_cri.sandbox_stats(sandbox, sample, containers)
+        containers = [self._container_sample(c) for c in self._pod_containers(sandbox)]
+        return stats_cri.sandbox_stats(sandbox, self._raw_pod_sample(sandbox), containers)
+
+    def _sandbox_metrics(self, sandbox: Sandbox) -> cri.PodSandboxMetrics:
+        containers = [
+            (c, self._raw_container_sample(c), self.containers.image_name(c)) for c in self._pod_containers(sandbox)
+        ]
+        return stats_cri.pod_metrics(sandbox, self._raw_pod_sample(sandbox), containers)
+
+    async def ListMetricDescriptors(
+        self, request: cri.ListMetricDescriptorsRequest, context: grpc.aio.ServicerContext
+    ) -> cri.ListMetricDescriptorsResponse:
+        return cri.ListMetricDescriptorsResponse(descriptors=stats_cri.metric_descriptors())
+
+    async def ListPodSandboxMetrics(
+        self, request: cri.ListPodSandboxMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> cri.ListPodSandboxMetricsResponse:
+        sandboxes = self.sandboxes.list()
+        metrics = await asyncio.to_thread(lambda: [self._sandbox_metrics(s) for s in sandboxes])
+        return cri.ListPodSandboxMetricsResponse(pod_metrics=metrics)
 
     async def ContainerStats(
         self, request: cri.ContainerStatsRequest, context: grpc.aio.ServicerContext

@@ -93,3 +93,95 @@ def sandbox_stats(sandbox: Sandbox, sample: PodSample | None, containers: list[c
         network.default_interface.CopyFrom(default)
     linux.network.CopyFrom(network)
     return stats
+
+
+# --- cadvisor-compatible metrics (ListMetricDescriptors / ListPodSandboxMetrics) ----------
+
+CONTAINER_LABELS = ["id", "name", "image", "container", "pod", "namespace"]
+NETWORK_LABELS = CONTAINER_LABELS + ["interface"]
+
+# name -> (help, labels, type); the kubelet serves these on /metrics/cadvisor
+DESCRIPTORS: dict[str, tuple[str, list[str], int]] = {
+    "container_cpu_usage_seconds_total": ("Cumulative cpu time consumed in seconds.", CONTAINER_LABELS, cri.COUNTER),
+    "container_memory_usage_bytes": (
+        "Current memory usage in bytes, including all memory regardless of when it was accessed.",
+        CONTAINER_LABELS, cri.GAUGE),
+    "container_memory_working_set_bytes": ("Current working set in bytes.", CONTAINER_LABELS, cri.GAUGE),
+    "container_memory_rss": ("Size of RSS in bytes.", CONTAINER_LABELS, cri.GAUGE),
+    "container_memory_failures_total": ("Cumulative count of memory allocation failures.",
+                                        CONTAINER_LABELS + ["failure_type", "scope"], cri.COUNTER),
+    "container_spec_memory_limit_bytes": ("Memory limit for the container.", CONTAINER_LABELS, cri.GAUGE),
+    "container_processes": ("Number of processes running inside the container.", CONTAINER_LABELS, cri.GAUGE),
+    "container_network_receive_bytes_total": ("Cumulative count of bytes received", NETWORK_LABELS, cri.COUNTER),
+    "container_network_receive_errors_total": ("Cumulative count of errors encountered while receiving",
+                                               NETWORK_LABELS, cri.COUNTER),
+    "container_network_transmit_bytes_total": ("Cumulative count of bytes transmitted", NETWORK_LABELS, cri.COUNTER),
+    "container_network_transmit_errors_total": ("Cumulative count of errors encountered while transmitting",
+                                                NETWORK_LABELS, cri.COUNTER),
+}
+
+
+def metric_descriptors() -> list[cri.MetricDescriptor]:
+    return [cri.MetricDescriptor(name=name, help=text, label_keys=labels) for name, (text, labels, _) in DESCRIPTORS.items()]
+
+
+def _metric(name: str, timestamp: int, labels: list[str], value: int | float | None) -> cri.Metric | None:
+    if value is None:
+        return None
+    metric = cri.Metric(name=name, timestamp=timestamp, metric_type=DESCRIPTORS[name][2], label_values=labels)
+    metric.value.value = max(0, int(value))
+    return metric
+
+
+def _usage_metrics(timestamp: int, labels: list[str], cpu_ns: int | None, memory: MemoryStats | None,
+                   pids: int | None) -> list[cri.Metric]:
+    values: list[tuple[str, list[str], int | float | None]] = [
+        ("container_cpu_usage_seconds_total", labels, None if cpu_ns is None else cpu_ns // 1_000_000_000),
+        ("container_processes", labels, pids),
+    ]
+    if memory is not None:
+        values += [
+            ("container_memory_usage_bytes", labels, memory.usage_bytes),
+            ("container_memory_working_set_bytes", labels, memory.working_set_bytes),
+            ("container_memory_rss", labels, memory.rss_bytes),
+            ("container_spec_memory_limit_bytes", labels, memory.limit_bytes),
+            ("container_memory_failures_total", labels + ["pgfault", "container"], memory.page_faults),
+            ("container_memory_failures_total", labels + ["pgmajfault", "container"], memory.major_page_faults),
+        ]
+    return [m for m in (_metric(name, timestamp, lv, v) for name, lv, v in values) if m is not None]
+
+
+def pod_metrics(
+    sandbox: Sandbox,
+    sample: PodSample | None,
+    containers: list[tuple[Container, ContainerSample | None, str]],
+) -> cri.PodSandboxMetrics:
+    """One pod's metric samples: the pod's own (as cadvisor's "POD" container) and its containers'.
+
+    `containers` holds (container, sample, image name) for each container of the pod.
+    """
+    pod, namespace = sandbox.config.name, sandbox.config.namespace
+    out = cri.PodSandboxMetrics(pod_sandbox_id=sandbox.id)
+    if sample is not None:
+        labels = [sandbox.id, sandbox.id, sandbox.image_id, "POD", pod, namespace]
+        out.metrics.extend(_usage_metrics(sample.timestamp_ns, labels, sample.cpu_usage_ns, sample.memory, sample.pids))
+        for link in sample.network:
+            link_labels = labels + [link.name]
+            for name, value in (
+                ("container_network_receive_bytes_total", link.rx_bytes),
+                ("container_network_receive_errors_total", link.rx_errors),
+                ("container_network_transmit_bytes_total", link.tx_bytes),
+                ("container_network_transmit_errors_total", link.tx_errors),
+            ):
+                metric = _metric(name, sample.timestamp_ns, link_labels, value)
+                if metric is not None:
+                    out.metrics.append(metric)
+    for container, container_sample, image in containers:
+        entry = cri.ContainerMetrics(container_id=container.id)
+        if container_sample is not None:
+            labels = [container.id, container.id, image, container.config.name, pod, namespace]
+            entry.metrics.extend(_usage_metrics(
+                container_sample.timestamp_ns, labels, container_sample.cpu_usage_ns, container_sample.memory,
+                container_sample.pids))
+        out.container_metrics.append(entry)
+    return out

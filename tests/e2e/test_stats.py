@@ -95,3 +95,32 @@ def test_pod_network_bytes_grow_after_traffic(pods):
     assert after_a[1] - before_a[1] >= 5000 and after_b[0] - before_b[0] >= 5000
     listed = runtime.ListPodSandboxStats(cri.ListPodSandboxStatsRequest()).stats
     assert {s.attributes.id for s in listed} == {a.id, b.id}
+
+
+def test_cadvisor_metrics_through_the_cri(pods):
+    pod = pods[0]
+    runtime = pod.runtime
+    burner = pod.run("metrics-burner", ["sh", "-c", "i=0; while [ $i -lt 3000000 ]; do i=$((i+1)); done; sleep 1000"])
+    descriptors = {d.name: list(d.label_keys) for d in runtime.ListMetricDescriptors(
+        cri.ListMetricDescriptorsRequest()).descriptors}
+    for family in ("container_cpu_usage_seconds_total", "container_memory_working_set_bytes", "container_memory_rss",
+                   "container_network_receive_bytes_total", "container_network_transmit_bytes_total"):
+        assert family in descriptors
+
+    def burner_cpu():
+        response = runtime.ListPodSandboxMetrics(cri.ListPodSandboxMetricsRequest())
+        ours = [p for p in response.pod_metrics if p.pod_sandbox_id == pod.id][0]
+        for m in [*ours.metrics, *(m for c in ours.container_metrics for m in c.metrics)]:
+            assert len(m.label_values) == len(descriptors[m.name]), m.name
+        cpu = [m for c in ours.container_metrics if c.container_id == burner for m in c.metrics
+               if m.name == "container_cpu_usage_seconds_total"]
+        return (ours, cpu[0]) if cpu and cpu[0].value.value >= 1 else None
+
+    ours, cpu = wait_for(burner_cpu, timeout=60, interval=0.5, what="a second of CPU in the burner")
+    assert cpu.metric_type == cri.COUNTER
+    labels = dict(zip(descriptors[cpu.name], cpu.label_values))
+    assert labels["container"] == "metrics-burner" and labels["pod"] == "stats-a" and labels["namespace"] == "e2e"
+    rx = [m for m in ours.metrics if m.name == "container_network_receive_bytes_total"]
+    assert [dict(zip(descriptors[m.name], m.label_values))["interface"] for m in rx] == ["eth0"]
+    working_set = [m for m in ours.metrics if m.name == "container_memory_working_set_bytes"]
+    assert working_set and working_set[0].value.value > 0
