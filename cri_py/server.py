@@ -28,7 +28,7 @@ from cri_py.image.images import ImageManager
 from cri_py.image.service import ImageService
 from cri_py.metrics.http import MetricsServer
 from cri_py.events import EventBus
-from cri_py.metrics.registry import grpc_request_duration, state_gauges
+from cri_py.metrics.registry import grpc_request_duration, log_bytes, state_gauges
 from cri_py.network.cni import Cni
 from cri_py.network.conf import NetworkConfigSource
 from cri_py.runtime.tasks import TaskManager, TaskState
@@ -255,6 +255,7 @@ class CriServer:
         images = ImageManager(self.config, self.store)
         await images.load()
         self.tasks = TaskManager(self.config.state, on_exit=self._on_exit)
+        log_bytes.tasks_dir = self.tasks.tasks_dir
         # under root, not state: after a reboot DEL still frees IPAM allocations on disk
         cni = Cni(self.config.cni.bin_dirs, os.path.join(self.config.root, "cni", "results"))
         self.sandboxes = SandboxManager(self.config, self.store, images, self.tasks, cni, self.networks)

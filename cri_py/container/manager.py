@@ -28,6 +28,7 @@ from cri_py.container.users import effective_user
 from cri_py.errors import FailedPrecondition, InvalidArgument, NotFound
 from cri_py.events import EventBus
 from cri_py.image.images import ImageManager, ImageRecord
+from cri_py.metrics.registry import log_bytes
 from cri_py.metrics.registry import oom_kills as oom_kills_total
 from cri_py.runtime import mount
 from cri_py.runtime.runc import ExecResult, Runc, exec_sync
@@ -399,6 +400,7 @@ class ContainerManager:
     async def _discard(self, container: Container) -> None:
         """Undo everything a container may have; each step tolerates absence."""
         created = container.id not in self._creating
+        log_bytes.retire(container.id)
         await self.tasks.delete(container.id)
         if container.rootfs_path:
             await asyncio.to_thread(mount.unmount, container.rootfs_path, True)

@@ -8,12 +8,17 @@ prometheus-client's process and platform collectors.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from cri_py.shim.logsink import read_counter
+from cri_py.shim.protocol import LOG_BYTES_FILE
 
 GRPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -99,3 +104,39 @@ def timed(histogram: Histogram, **labels: str) -> Iterator[None]:
         result = "success"
     finally:
         histogram.labels(**labels, result=result).observe(time.perf_counter() - start)
+
+
+class LogBytes:
+    """`cri_py_log_bytes_written_total`: bytes the shims wrote to container logs.
+
+    Each shim counts its own in an mmap'ed file in its task dir; a scrape sums the
+    live ones, and a task's final count moves into `retired` before its dir goes, so
+    the counter never goes down.
+    """
+
+    def __init__(self) -> None:
+        self.tasks_dir = ""
+        self.retired = 0
+        self._lock = threading.Lock()
+
+    def retire(self, task_id: str) -> None:
+        """Keep a task's count before its task dir (and counter file) is removed."""
+        if self.tasks_dir:
+            value = read_counter(os.path.join(self.tasks_dir, task_id, LOG_BYTES_FILE))
+            with self._lock:
+                self.retired += value
+
+    def collect(self) -> Any:
+        total = self.retired
+        if self.tasks_dir and os.path.isdir(self.tasks_dir):
+            for name in os.listdir(self.tasks_dir):
+                total += read_counter(os.path.join(self.tasks_dir, name, LOG_BYTES_FILE))
+        family = CounterMetricFamily(
+            "cri_py_log_bytes_written", "Bytes the shims wrote to container log files.", unit=""
+        )
+        family.add_metric([], total)
+        yield family
+
+
+log_bytes = LogBytes()
+registry.register(log_bytes)

@@ -26,6 +26,7 @@ PROTOCOL_VERSION = 1
 TASK_FILE = "task.json"  # the TaskSpec, written by the daemon before the shim starts
 SHIM_SOCKET = "shim.sock"  # requests
 SHIM_PID_FILE = "shim.pid"
+LOG_BYTES_FILE = "log-bytes"  # an 8-byte counter the shim keeps mmap'ed: bytes written to the log
 SHIM_LOG = "shim.log"  # the shim's own stdout/stderr
 INIT_PID_FILE = "init.pid"  # written by `runc create --pid-file`
 RUNC_LOG = "runc-create.log"  # `runc --log` of the create call (JSON lines)

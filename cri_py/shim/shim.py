@@ -230,7 +230,9 @@ class Shim:
         self.dir = task_dir
         self.listener = listener
         self.task = TaskConfig(p.read_json(self.path(p.TASK_FILE)) or {})
-        self.io = ContainerIO(make_sink(self.task.log_path), self.task.stdin, self.task.tty)
+        self.io = ContainerIO(
+            make_sink(self.task.log_path, self.path(p.LOG_BYTES_FILE)), self.task.stdin, self.task.tty
+        )
         self.loop = EventLoop()
         self.conns: dict[int, Conn] = {}
         self.waiters: list[Conn] = []

@@ -494,3 +494,15 @@ def test_metrics_count_pods_containers_pulls_cni_and_shims(pod):
     assert 'cri_py_cni_operation_duration_seconds_count{operation="ADD",result="success"} 1.0' in body
     assert 'cri_py_shim_starts_total{result="success"} 2.0' in body  # the pause and this container
     pod.runtime.StopContainer(cri.StopContainerRequest(container_id=c, timeout=5))
+
+    def log_bytes() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{pod.server.metrics_port}/metrics", timeout=5) as response:
+            line = [x for x in response.read().decode().splitlines() if x.startswith("cri_py_log_bytes_written_total ")]
+        return float(line[0].split()[1])
+
+    talker = pod.run("talker", ["sh", "-c", "i=0; while [ $i -lt 1000 ]; do echo line-$i; i=$((i+1)); done"])
+    pod.wait_exit(talker)
+    written = (pod.log_dir / "talker" / "0.log").stat().st_size
+    assert log_bytes() == written
+    pod.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=talker))
+    assert log_bytes() == written  # a counter never goes down when its container goes
