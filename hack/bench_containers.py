@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,29 +38,15 @@ import grpc
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import pct, start_pod_server  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 BRIDGE = "cripybench1"
 SUBNET = "10.234.0.0/16"
 BUSYBOX = "docker.io/library/busybox:latest"
 FLOOR_CGROUP = "cri-py-bench-containers"
 PAUSE_NS = re.compile(r"^/proc/\d+/ns/")
-
-
-def conflist(data_dir: Path) -> dict:
-    return {
-        "cniVersion": "1.0.0",
-        "name": "bench",
-        "plugins": [
-            {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": False,
-             "ipam": {"type": "host-local", "ranges": [[{"subnet": SUBNET}]], "dataDir": str(data_dir)}},
-            {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
-        ],
-    }
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def ms(values: list[float]) -> str:
@@ -129,34 +114,6 @@ def remove_floor_cgroups() -> None:
 # --- cri-py -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(work: Path, level: str) -> tuple[subprocess.Popen, Path]:
-    sock = work / "state/cri-py.sock"
-    conf_dir = work / "net.d"
-    conf_dir.mkdir()
-    (conf_dir / "10-bench.conflist").write_text(json.dumps(conflist(work / "ipam")))
-    config = work / "config.toml"
-    config.write_text(
-        f'root = "{work}/root"\nstate = "{work}/state"\n[grpc]\naddress = "{sock}"\n[metrics]\naddress = ""\n'
-        f'[streaming]\nport = {free_port()}\n[cni]\nconf_dir = "{conf_dir}"\n[log]\nlevel = "{level}"\n'
-        f'[runtime.handlers.runc]\nroot = "{work}/runc"\n'
-        '[registry.mirrors."registry.k8s.io"]\nendpoints = ["http://127.0.0.1:5000"]\nupstream = false\n'
-        '[registry.mirrors."docker.io"]\nendpoints = ["http://127.0.0.1:5000"]\nupstream = false\n'
-    )
-    server = subprocess.Popen([sys.executable, "-m", "cri_py.cli", "serve", "--config", str(config)])
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        if time.monotonic() > deadline or server.poll() is not None:
-            raise SystemExit("cri-py did not start")
-        time.sleep(0.05)
-    return server, sock
-
-
 def pod_config(work: Path) -> cri.PodSandboxConfig:
     meta = cri.PodSandboxMetadata(name="bench-ctr", namespace="bench", uid="uid-bench-ctr")
     return cri.PodSandboxConfig(metadata=meta, hostname="bench-ctr", log_directory=str(work / "pod-logs"))
@@ -205,7 +162,7 @@ def main() -> None:
     try:
         if not registry_was_running:  # start it with the test images; stopped again below
             subprocess.run([str(REPO / "hack/test-images.sh")], check=True, capture_output=True)
-        server, sock = start_server(work, args.log_level)
+        server, sock = start_pod_server(work, BRIDGE, SUBNET, args.log_level)
         with grpc.insecure_channel(f"unix://{sock}") as channel:
             runtime = cri_grpc.RuntimeServiceStub(channel)
             images = cri_grpc.ImageServiceStub(channel)

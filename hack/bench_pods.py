@@ -18,7 +18,6 @@ import concurrent.futures
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,27 +30,13 @@ import grpc
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import conflist, pct, start_pod_server  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 CNI_BIN = "/usr/lib/cni"
 BRIDGE = "cripybench0"
 SUBNET = "10.232.0.0/16"
-
-
-def conflist(data_dir: Path) -> dict:
-    return {
-        "cniVersion": "1.0.0",
-        "name": "bench",
-        "plugins": [
-            {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": False,
-             "ipam": {"type": "host-local", "ranges": [[{"subnet": SUBNET}]], "dataDir": str(data_dir)}},
-            {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
-        ],
-    }
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def pss_kb(pid: int) -> int:
@@ -97,7 +82,7 @@ def floor(runs: int, work: Path, pause_spec: dict) -> list[float]:
     rootfs.mkdir()
     with tarfile.open(layout / "blobs/sha256" / manifest["layers"][0]["digest"][7:]) as tar:
         tar.extractall(rootfs)
-    conf = conflist(work / "floor-ipam")
+    conf = conflist(BRIDGE, SUBNET, work / "floor-ipam")
     runc_root = work / "floor-runc"
     times = []
     for i in range(runs):
@@ -127,33 +112,6 @@ def floor(runs: int, work: Path, pause_spec: dict) -> list[float]:
 
 
 # --- cri-py -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(work: Path) -> tuple[subprocess.Popen, Path]:
-    sock = work / "state/cri-py.sock"
-    conf_dir = work / "net.d"
-    conf_dir.mkdir()
-    (conf_dir / "10-bench.conflist").write_text(json.dumps(conflist(work / "ipam")))
-    config = work / "config.toml"
-    config.write_text(
-        f'root = "{work}/root"\nstate = "{work}/state"\n[grpc]\naddress = "{sock}"\n[metrics]\naddress = ""\n'
-        f'[streaming]\nport = {free_port()}\n[cni]\nconf_dir = "{conf_dir}"\n[log]\nlevel = "warning"\n'
-        f'[runtime.handlers.runc]\nroot = "{work}/runc"\n'
-        '[registry.mirrors."registry.k8s.io"]\nendpoints = ["http://127.0.0.1:5000"]\nupstream = false\n'
-    )
-    server = subprocess.Popen([sys.executable, "-m", "cri_py.cli", "serve", "--config", str(config)])
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        if time.monotonic() > deadline or server.poll() is not None:
-            raise SystemExit("cri-py did not start")
-        time.sleep(0.05)
-    return server, sock
 
 
 def pod(i: int, tag: str) -> cri.RunPodSandboxRequest:
@@ -193,7 +151,7 @@ def main() -> None:
     forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()
     server = None
     try:
-        server, sock = start_server(work)
+        server, sock = start_pod_server(work, BRIDGE, SUBNET)
         with grpc.insecure_channel(f"unix://{sock}") as channel:
             runtime = cri_grpc.RuntimeServiceStub(channel)
             sid, _ = timed_run(runtime, pod(0, "warm"))  # pulls the pause image once, untimed

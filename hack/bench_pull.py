@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,9 @@ from pathlib import Path
 import grpc
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import start_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REGISTRY = "127.0.0.1:5000"
@@ -61,28 +63,6 @@ def floor_once(parallel: bool) -> float:
         return time.perf_counter() - start
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(base: Path) -> tuple[subprocess.Popen, Path]:
-    sock = base / "state" / "cri-py.sock"
-    config = base / "config.toml"
-    config.write_text(
-        f'root = "{base}/root"\nstate = "{base}/state"\n[grpc]\naddress = "{sock}"\n'
-        f'[metrics]\naddress = ""\n[streaming]\nport = {free_port()}\n[log]\nlevel = "warning"\n'
-    )
-    server = subprocess.Popen([sys.executable, "-m", "cri_py.cli", "serve", "--config", str(config)])
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        if time.monotonic() > deadline or server.poll() is not None:
-            raise SystemExit("cri-py did not start")
-        time.sleep(0.05)
-    return server, sock
 
 
 def cri_py_once(images: cri_grpc.ImageServiceStub) -> float:
