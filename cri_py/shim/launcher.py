@@ -31,6 +31,7 @@ TYPE_CHECKING = False  # typing costs every shim memory; checkers know this name
 
 from cri_py.shim import protocol as p
 from cri_py.shim import shim as shim_mod
+from cri_py.shim import linux
 from cri_py.shim.linux import set_process_name
 
 if TYPE_CHECKING:
@@ -180,11 +181,7 @@ class Launcher:
 
     def on_wakeup(self, fd: int) -> None:
         """Reap every shim that exited."""
-        try:
-            while os.read(fd, 512):
-                pass
-        except BlockingIOError:
-            pass
+        linux.drain(fd)
         while True:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)

@@ -44,3 +44,12 @@ def set_process_name(name: str) -> None:
         os.write(fd, name.encode()[:15])
     finally:
         os.close(fd)
+
+
+def drain(fd: int) -> None:
+    """Empty a non-blocking wakeup pipe (signals only say "look again")."""
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass

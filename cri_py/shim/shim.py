@@ -34,7 +34,7 @@ import time
 TYPE_CHECKING = False  # typing costs every shim memory; checkers know this name
 
 from cri_py.shim import protocol as p
-from cri_py.shim import runc
+from cri_py.shim import linux, runc
 from cri_py.shim.linux import set_child_subreaper, set_process_name
 from cri_py.shim.logsink import STDERR, STDOUT, LogSink, make_sink
 
@@ -464,11 +464,7 @@ class Shim:
 
     def on_wakeup(self, fd: int) -> None:
         """A signal arrived (SIGCHLD is the only one we act on)."""
-        try:
-            while os.read(fd, 512):
-                pass
-        except BlockingIOError:
-            pass
+        linux.drain(fd)
         self.reap()
 
     def reap(self) -> None:
