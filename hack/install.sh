@@ -71,4 +71,10 @@ CONF
   echo "install.sh: wrote the default pod network $conf_dir/10-cri-py.conflist (bridge cripy0, 10.88.0.0/16)"
 fi
 
+# The sandbox image, offline: the repo's own static pause, imported into the default
+# store (or the running daemon), unless the store has it already.
+if ! .venv/bin/cri-py images ls 2>/dev/null | grep -q '^registry.k8s.io/pause:3.10 '; then
+  hack/import-pause.sh
+fi
+
 echo "install.sh: done; start the server with: .venv/bin/cri-py serve"
