@@ -9,7 +9,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
 packages=(
-  runc containernetworking-plugins iproute2 iptables util-linux
+  runc containernetworking-plugins iproute2 iptables nftables util-linux
   busybox-static docker-registry apache2-utils prometheus
   gcc libc6-dev zstd curl ca-certificates
   python3 python3-venv python3-dev

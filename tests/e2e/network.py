@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def iptables_lines() -> list[str]:
 
 
 def nft_tables() -> set[str]:
+    """nft's tables (none when the nft tool is not installed: then there is nothing to undo)."""
+    if shutil.which("nft") is None:
+        return set()
     return set(run("nft", "list", "tables", check=False).stdout.splitlines())
 
 
