@@ -31,6 +31,9 @@ from cri_py.metrics.stats import ContainerSample, PodSample, StatsCollector
 from cri_py.sandbox import cri as sandbox_cri
 from cri_py.sandbox.manager import SandboxManager
 from cri_py.sandbox.model import READY, Sandbox
+from cri_py.streaming.server import StreamingServer
+from cri_py.streaming.tokens import StreamRequest
+from cri_py.errors import FailedPrecondition, InvalidArgument
 
 EVENT_TYPES = {
     CREATED: cri.CONTAINER_CREATED_EVENT,
@@ -83,9 +86,15 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     """RuntimeService: the runtime's identity and health; pods and containers follow."""
 
     def __init__(
-        self, config: Config, health: RuntimeHealth, sandboxes: SandboxManager, containers: ContainerManager
+        self,
+        config: Config,
+        health: RuntimeHealth,
+        sandboxes: SandboxManager,
+        containers: ContainerManager,
+        streaming: StreamingServer | None = None,
     ) -> None:
         self.config = config
+        self.streaming = streaming
         self.health = health
         self.sandboxes = sandboxes
         self.containers = containers
@@ -240,6 +249,44 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
         if result.timed_out:
             raise asyncio.TimeoutError(f"command {list(request.cmd)} timed out after {request.timeout}s")
         return cri.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
+
+    def _streaming_server(self) -> StreamingServer:
+        if self.streaming is None:
+            raise FailedPrecondition("the streaming server is not running")
+        return self.streaming
+
+    async def Exec(self, request: cri.ExecRequest, context: grpc.aio.ServicerContext) -> cri.ExecResponse:
+        container = self.containers.get(request.container_id)
+        if container.state != RUNNING:
+            raise FailedPrecondition(f"container {container.id} is not running")
+        if not request.cmd:
+            raise InvalidArgument("exec needs a command")
+        if not (request.stdin or request.stdout or request.stderr):
+            raise InvalidArgument("one of stdin, stdout and stderr must be set")
+        if request.tty and request.stderr:
+            raise InvalidArgument("tty and stderr cannot both be set")
+        stream_request = StreamRequest(
+            kind="exec",
+            id=container.id,
+            cmd=list(request.cmd),
+            stdin=request.stdin,
+            stdout=request.stdout,
+            stderr=request.stderr,
+            tty=request.tty,
+        )
+        return cri.ExecResponse(url=self._streaming_server().register(stream_request))
+
+    async def PortForward(
+        self, request: cri.PortForwardRequest, context: grpc.aio.ServicerContext
+    ) -> cri.PortForwardResponse:
+        sandbox = self.sandboxes.get(request.pod_sandbox_id)
+        if sandbox.state != READY:
+            raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
+        for port in request.port:
+            if not 0 < port <= 65535:
+                raise InvalidArgument(f"invalid port {port}")
+        stream_request = StreamRequest(kind="portforward", id=sandbox.id, ports=list(request.port))
+        return cri.PortForwardResponse(url=self._streaming_server().register(stream_request))
 
     async def ReopenContainerLog(
         self, request: cri.ReopenContainerLogRequest, context: grpc.aio.ServicerContext

@@ -35,6 +35,7 @@ from cri_py.runtime.tasks import TaskManager, TaskState
 from cri_py.container.manager import ContainerManager
 from cri_py.sandbox.manager import SandboxManager
 from cri_py.runtime_service import RuntimeHealth, RuntimeService
+from cri_py.streaming.server import StreamingServer
 from cri_py.store import Store
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,7 @@ class CriServer:
         self.sandboxes: SandboxManager | None = None
         self.containers: ContainerManager | None = None
         self._lock_fd: int | None = None
+        self.streaming: StreamingServer | None = None
 
     def _state_counts(self) -> tuple[dict[str, int], dict[str, int]]:
         """Pods and containers by state, for the scrape (runs in the metrics thread: reads only)."""
@@ -279,7 +281,15 @@ class CriServer:
             ],
         )
         health = RuntimeHealth(self.config, self.networks)
-        cri_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(self.config, health, self.sandboxes, self.containers), server)
+        streaming = StreamingServer(self.config.streaming, self.containers, self.sandboxes)
+        try:
+            await streaming.start()
+        except OSError as exc:
+            raise ServerError(f"streaming {self.config.streaming.address}:{self.config.streaming.port}: {exc.strerror}") from None
+        self.streaming = streaming
+        cri_grpc.add_RuntimeServiceServicer_to_server(
+            RuntimeService(self.config, health, self.sandboxes, self.containers, streaming), server
+        )
         cri_grpc.add_ImageServiceServicer_to_server(ImageService(images), server)
         server.add_generic_rpc_handlers([admin.handler(images)])
         old_umask = os.umask(0o177)  # no window where the socket is world-connectable
@@ -299,6 +309,9 @@ class CriServer:
             await self.grpc.stop(SHUTDOWN_GRACE_SECONDS)
             self.grpc = None
         self.metrics.stop()
+        if self.streaming is not None:
+            await self.streaming.stop()  # ends exec sessions: their processes are killed
+            self.streaming = None
         if self.tasks is not None:
             await self.tasks.close()  # connections only: shims and containers keep running
         try:

@@ -1,0 +1,172 @@
+"""Exec and port-forward through the streaming server, over SPDY/3.1 and WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from cri_api.v1 import api_pb2 as cri
+
+from tests.e2e import streamclient as sc
+from tests.e2e.conftest import wait_for
+from tests.e2e.test_containers import Pod, pod  # noqa: F401 - the fixture
+
+SUCCESS = {"metadata": {}, "status": "Success"}
+
+
+def exec_url(pod: Pod, container_id: str, cmd: list[str], **flags) -> str:
+    flags.setdefault("stdout", True)
+    request = cri.ExecRequest(container_id=container_id, cmd=cmd, **flags)
+    return pod.runtime.Exec(request).url
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def ctr(pod):
+    return pod.run("sleeper", ["sleep", "99999"])
+
+
+def test_exec_echo_both_protocols(pod, ctr):
+    url = exec_url(pod, ctr, ["echo", "hi"], stderr=True)
+    assert url.startswith("http://127.0.0.1:") and "/exec/" in url
+    result = run(sc.spdy_exec(url))
+    assert result.status == 101 and result.protocol == "v4.channel.k8s.io"
+    assert result.stdout == b"hi\n" and result.stderr == b""
+    assert result.status_json == SUCCESS
+    result = run(sc.ws_exec(exec_url(pod, ctr, ["echo", "hi"], stderr=True)))
+    assert result.status == 101
+    assert result.stdout == b"hi\n"
+    assert result.status_json == SUCCESS
+
+
+def test_exec_exit_code_and_stderr(pod, ctr):
+    result = run(sc.spdy_exec(exec_url(pod, ctr, ["sh", "-c", "echo oops >&2; exit 3"], stderr=True)))
+    status = result.status_json
+    assert result.stderr == b"oops\n"
+    assert status["status"] == "Failure" and status["reason"] == "NonZeroExitCode"
+    assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "3"}]
+    result = run(sc.ws_exec(exec_url(pod, ctr, ["sh", "-c", "exit 3"])))
+    assert result.status_json["details"]["causes"][0]["message"] == "3"
+    result = run(sc.spdy_exec(exec_url(pod, ctr, ["/no/such/binary"])))
+    assert result.status_json["status"] == "Failure", result.error
+
+
+def test_exec_stdin(pod, ctr):
+    data = b"line one\n" + b"x" * 200000 + b"\nend\n"
+    result = run(sc.spdy_exec(exec_url(pod, ctr, ["cat"], stdin=True), stdin=data))
+    assert result.stdout == data and result.status_json == SUCCESS
+    result = run(sc.ws_exec(exec_url(pod, ctr, ["cat"], stdin=True), stdin=b"via websocket\n"))
+    assert result.stdout == b"via websocket\n" and result.status_json == SUCCESS
+
+
+def test_exec_tty_resize(pod, ctr):
+    url = exec_url(pod, ctr, ["sh", "-c", "read x; stty size"], stdin=True, tty=True)
+    result = run(sc.spdy_exec(url, stdin=b"go\n", stderr=False, tty=True, resize=(100, 42), close_stdin=False))
+    assert b"42 100" in result.stdout, result.stdout
+    assert result.status_json == SUCCESS
+
+
+def test_exec_validation_and_token_reuse(pod, ctr):
+    def code(**kwargs) -> grpc.StatusCode:
+        with pytest.raises(grpc.RpcError) as err:
+            pod.runtime.Exec(cri.ExecRequest(**kwargs))
+        return err.value.code()
+
+    assert code(container_id="nope", cmd=["true"], stdout=True) == grpc.StatusCode.NOT_FOUND
+    assert code(container_id=ctr, cmd=[], stdout=True) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code(container_id=ctr, cmd=["true"]) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code(container_id=ctr, cmd=["true"], tty=True, stdout=True, stderr=True) == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        pod.runtime.PortForward(cri.PortForwardRequest(pod_sandbox_id="nope", port=[80]))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    url = exec_url(pod, ctr, ["true"])
+    assert run(sc.spdy_exec(url)).status == 101
+    assert run(sc.spdy_exec(url)).status == 404
+    assert run(sc.ws_exec(url)).status == 404
+    # protocol negotiation
+    url = exec_url(pod, ctr, ["true"])
+    result = run(sc.spdy_exec(url, protocols=["v9.channel.k8s.io"]))
+    assert result.status == 403
+    assert "v4.channel.k8s.io" in result.headers["x-accepted-stream-protocol-versions"]
+    result = run(sc.spdy_exec(exec_url(pod, ctr, ["true"]), protocols=[]))
+    assert result.status == 400
+    exited = pod.run("done", ["true"])
+    pod.wait_exit(exited)
+    assert code(container_id=exited, cmd=["true"], stdout=True) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _sleepers(pod: Pod, ctr: str) -> list[str]:
+    out = pod.exec(ctr, ["ps", "-o", "pid,args"]).stdout.decode()
+    return [line for line in out.splitlines() if line.split(None, 1)[-1] == "sleep 1000"]
+
+
+def test_client_disconnect_kills_the_process(pod, ctr):
+    for client in ("spdy", "ws"):
+        url = exec_url(pod, ctr, ["sleep", "1000"])
+        if client == "spdy":
+            seen = lambda: wait_for(lambda: _sleepers(pod, ctr), timeout=10, what="the exec'd sleep")  # noqa: E731
+            run(sc.spdy_exec(url, disconnect_after=0.5, before_disconnect=seen))
+        else:
+            async def drop() -> None:
+                result, reader, writer, ws = await sc._ws_upgrade(url, ["v4.channel.k8s.io"])
+                await asyncio.sleep(1.0)
+                wait_for(lambda: _sleepers(pod, ctr), timeout=10, what="the exec'd sleep")
+                writer.close()
+
+            run(drop())
+        wait_for(lambda: not _sleepers(pod, ctr), timeout=15, what="the exec'd sleep to be killed")
+
+
+def test_portforward_httpd_both_protocols(pod):
+    pod.run("web", ["httpd", "-f", "-p", "8080", "-h", "/var/www"])
+    request = b"GET /index.html HTTP/1.0\r\nHost: localhost\r\n\r\n"
+
+    def url(**kw) -> str:
+        return pod.runtime.PortForward(cri.PortForwardRequest(pod_sandbox_id=pod.id, **kw)).url
+
+    def fetch_spdy() -> bytes:
+        return run(sc.spdy_portforward(url(port=[8080]), 8080, request)).stdout
+
+    wait_for(lambda: b"hello from cri-py" in fetch_spdy(), timeout=20, what="httpd over SPDY")
+    pf_url = url(port=[8080])
+    assert "/portforward/" in pf_url
+    result = run(sc.spdy_portforward(pf_url, 8080, request))
+    assert result.protocol == "portforward.k8s.io"
+    assert result.stdout.startswith(b"HTTP/1.") and b"hello from cri-py" in result.stdout
+    assert run(sc.spdy_portforward(pf_url, 8080, request)).status == 404  # single use
+
+    # several concurrent connections on one SPDY session
+    async def many() -> list[sc.Result]:
+        return await asyncio.gather(*(sc.spdy_portforward(url(port=[8080]), 8080, request) for _ in range(5)))
+
+    assert all(b"hello from cri-py" in r.stdout for r in run(many()))
+
+    result = run(sc.ws_portforward(url() + "?port=8080", request))
+    assert result.status == 101
+    assert result.headers["prefix0"] == (8080).to_bytes(2, "little").hex()
+    assert b"hello from cri-py" in result.stdout
+
+    # a port nobody listens on: the error stream says so
+    result = run(sc.spdy_portforward(url(port=[9]), 9, b"x"))
+    assert b"9" in result.error and result.stdout == b""
+
+
+def test_portforward_two_ports_over_websocket(pod):
+    pod.run("web", ["httpd", "-f", "-p", "8080", "-h", "/var/www"])
+    pod.run("web2", ["sh", "-c", "mkdir -p /tmp/w && echo second > /tmp/w/index.html && exec httpd -f -p 8081 -h /tmp/w"])
+    request = b"GET /index.html HTTP/1.0\r\nHost: localhost\r\n\r\n"
+
+    def url() -> str:
+        return pod.runtime.PortForward(cri.PortForwardRequest(pod_sandbox_id=pod.id)).url
+
+    def both() -> tuple[bytes, bytes] | None:
+        result = run(sc.ws_portforward_ports(url() + "?port=8080,8081", {8080: request, 8081: request}))
+        if b"hello from cri-py" in result[8080] and b"second" in result[8081]:
+            return result[8080], result[8081]
+        return None
+
+    wait_for(both, timeout=20, what="two ports over one WebSocket")
