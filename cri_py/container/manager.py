@@ -98,7 +98,7 @@ class ContainerManager:
 
     # --- paths and lookup ------------------------------------------------------------
 
-    def _state_dir(self, container_id: str) -> str:
+    def state_dir(self, container_id: str) -> str:
         return os.path.join(self.config.state, "containers", container_id)
 
     def _root_dir(self, container_id: str) -> str:
@@ -145,7 +145,7 @@ class ContainerManager:
             data["creating"] = True
         await self.store.containers.put(container.id, data)
 
-    def _runc(self, sandbox: Sandbox) -> Runc:
+    def runc_for(self, sandbox: Sandbox) -> Runc:
         handler = self.config.handler(sandbox.runtime_handler)
         if handler is None:
             raise FailedPrecondition(f"runtime handler {sandbox.runtime_handler!r} is no longer configured")
@@ -185,8 +185,8 @@ class ContainerManager:
             created_at_ns=time.time_ns(),
             log_path=log_path,
         )
-        container.rootfs_path = os.path.join(self._state_dir(container.id), "rootfs")
-        container.bundle = os.path.join(self._state_dir(container.id), "bundle")
+        container.rootfs_path = os.path.join(self.state_dir(container.id), "rootfs")
+        container.bundle = os.path.join(self.state_dir(container.id), "bundle")
         self.names.reserve(name, container.id)
         self._names[container.id] = name
         self._creating.add(container.id)
@@ -256,7 +256,7 @@ class ContainerManager:
         )
 
     def _image_volume_dir(self, container_id: str) -> str:
-        return os.path.join(self._state_dir(container_id), "image-volumes")
+        return os.path.join(self.state_dir(container_id), "image-volumes")
 
     async def _mount_image_volumes(self, container: Container) -> dict[str, str]:
         """Mount each image volume's layers read-only; container path -> host dir.
@@ -407,7 +407,7 @@ class ContainerManager:
         volumes = self._image_volume_dir(container.id)
         for name in os.listdir(volumes) if os.path.isdir(volumes) else []:
             await asyncio.to_thread(mount.unmount, os.path.join(volumes, name), True)
-        await asyncio.to_thread(shutil.rmtree, self._state_dir(container.id), True)
+        await asyncio.to_thread(shutil.rmtree, self.state_dir(container.id), True)
         await asyncio.to_thread(shutil.rmtree, self._root_dir(container.id), True)
         await self.store.containers.delete(container.id)
         self.containers.pop(container.id, None)
@@ -431,12 +431,20 @@ class ContainerManager:
         if container.state != RUNNING:
             raise FailedPrecondition(f"container {container.id} is not running")
         sandbox = self.sandboxes.get(container.sandbox_id)
+        process = self.exec_process(container, cmd, tty=False)
+        return await exec_sync(self.runc_for(sandbox), container.id, process, timeout, self.exec_pid_file(container))
+
+    def exec_process(self, container: Container, cmd: list[str], tty: bool) -> dict[str, Any]:
+        """An exec'd process runs as the container's own (user, env, caps, seccomp), with `cmd`."""
         with open(os.path.join(container.bundle, "config.json"), "rb") as fh:
             process = json.load(fh)["process"]
-        process = dict(process, args=list(cmd), terminal=False)
+        process = dict(process, args=list(cmd), terminal=tty)
         process.pop("consoleSize", None)
-        pid_file = os.path.join(self._state_dir(container.id), f"exec-{secrets.token_hex(6)}.pid")
-        return await exec_sync(self._runc(sandbox), container.id, process, timeout, pid_file)
+        return process
+
+    def exec_pid_file(self, container: Container) -> str:
+        """A fresh path for runc's --pid-file of one exec."""
+        return os.path.join(self.state_dir(container.id), f"exec-{secrets.token_hex(6)}.pid")
 
     async def update_resources(self, container_id: str, resources: Any) -> None:
         """UpdateContainerResources: runc update, then the status reports the new values."""
@@ -449,7 +457,7 @@ class ContainerManager:
                 resources, spec_builder.kernel_hugepage_sizes(), spec_builder.is_cgroup_v2()
             )
             linux.pop("devices", None)
-            await self._runc(sandbox).update(container.id, linux)
+            await self.runc_for(sandbox).update(container.id, linux)
             container.config.resources = resources
             await self._save(container)
 

@@ -46,7 +46,7 @@ class RuncNotFound(RuncError, errors.NotFound):
     code = errors.NotFound.code
 
 
-def _error(argv: list[str], status: int | None, detail: str) -> RuncError:
+def error_for(argv: list[str], status: int | None, detail: str) -> RuncError:
     """The right RuncError subclass for runc's words."""
     cls = RuncNotFound if shim_runc.is_not_exist(detail) else RuncError
     return cls(argv, status, detail)
@@ -102,7 +102,7 @@ class Runc:
             detail = shim_runc.error_detail(err or b"")
             if log:
                 detail = _read_log_errors(log) or detail
-            raise _error(argv, proc.returncode, detail)
+            raise error_for(argv, proc.returncode, detail)
         return out or b""
 
     async def create(
@@ -177,7 +177,7 @@ class Runc:
             await proc.wait()
             raise RuncError(argv, None, f"no answer within {self.timeout}s") from None
         if proc.returncode != 0:
-            raise _error(argv, proc.returncode, shim_runc.error_detail(err))
+            raise error_for(argv, proc.returncode, shim_runc.error_detail(err))
 
 
 def _read_log_errors(path: str) -> str:
@@ -228,14 +228,11 @@ async def exec_sync(
     exit while a background child holds the output. The pipes are our own, not
     asyncio's: on Python 3.11 `Process.wait()` waits for every pipe it made to close.
     """
-    fd, process_file = tempfile.mkstemp(prefix=".exec-", suffix=".json", dir=os.path.dirname(pid_file))
-    with os.fdopen(fd, "w") as fh:
-        json.dump(process, fh)
-    runc_argv = runc.command.argv("exec", "--detach", "--process", process_file, "--pid-file", pid_file, id)
+    command = ExecCommand.prepare(runc, id, process, pid_file)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    argv = shim_argv("execwait", str(status_w), pid_file, *runc_argv)
+    argv = command.argv(status_w)
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out_w, stderr=err_w, pass_fds=(status_w,)
@@ -258,7 +255,7 @@ async def exec_sync(
             await asyncio.wait_for(proc.wait(), timeout if timeout and timeout > 0 else None)
         except asyncio.TimeoutError:
             timed_out = True
-            _kill_pid_file(pid_file)
+            command.kill()
             await proc.wait()
         await status_reader
         await asyncio.wait(readers, timeout=EXEC_DRAIN_SECONDS)
@@ -267,24 +264,61 @@ async def exec_sync(
             reader.cancel()
         await asyncio.gather(*readers, status_reader, return_exceptions=True)
         if proc.returncode is None:
-            _kill_pid_file(pid_file)
+            command.kill()
             proc.kill()
             await proc.wait()
-        for path in (process_file, pid_file):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-    try:
-        outcome = json.loads(b"".join(status) or b"{}")
-    except ValueError:
-        outcome = {}
-    if "exit_code" not in outcome and not timed_out:
-        detail = b"".join(err).decode(errors="replace").strip() or str(outcome or f"exit status {proc.returncode}")
-        raise _error(runc_argv, outcome.get("runc_failed"), shim_runc.error_detail(detail.encode()))
-    code = -1 if timed_out else int(outcome["exit_code"])
+        command.cleanup()
+    code = -1 if timed_out else command.exit_code(b"".join(status), b"".join(err))
     return ExecResult(code, b"".join(out), b"".join(err), timed_out)
 
 
-def _kill_pid_file(pid_file: str) -> None:
+@dataclass
+class ExecCommand:
+    """One `runc exec --detach` under execwait: its files, its command line, its outcome.
+
+    Shared by ExecSync and the streaming server's exec, which differ only in how
+    they connect the process's stdio.
+    """
+
+    runc_argv: list[str]
+    process_file: str
+    pid_file: str
+
+    @classmethod
+    def prepare(cls, runc: Runc, id: str, process: dict[str, Any], pid_file: str, *extra: str) -> "ExecCommand":
+        """Write the process spec next to the pid file; `extra` goes to runc exec (--tty ...)."""
+        fd, process_file = tempfile.mkstemp(prefix=".exec-", suffix=".json", dir=os.path.dirname(pid_file))
+        with os.fdopen(fd, "w") as fh:
+            json.dump(process, fh)
+        argv = runc.command.argv("exec", "--detach", *extra, "--process", process_file, "--pid-file", pid_file, id)
+        return cls(argv, process_file, pid_file)
+
+    def argv(self, status_fd: int) -> list[str]:
+        """execwait's command line; it reports the exit code as JSON on `status_fd`."""
+        return shim_argv("execwait", str(status_fd), self.pid_file, *self.runc_argv)
+
+    def exit_code(self, status: bytes, stderr: bytes) -> int:
+        """The exec'd process's exit code, or the RuncError runc's own failure earned."""
+        try:
+            outcome = json.loads(status or b"{}")
+        except ValueError:
+            outcome = {}
+        if "exit_code" not in outcome:
+            detail = stderr.decode(errors="replace").strip() or str(outcome or "execwait reported nothing")
+            raise error_for(self.runc_argv, outcome.get("runc_failed"), shim_runc.error_detail(detail.encode()))
+        return int(outcome["exit_code"])
+
+    def kill(self) -> None:
+        """SIGKILL the exec'd process (by its host pid, from runc's pid file)."""
+        kill_pid_file(self.pid_file)
+
+    def cleanup(self) -> None:
+        for path in (self.process_file, self.pid_file):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def kill_pid_file(pid_file: str) -> None:
     """SIGKILL the exec'd process named by runc's pid file, if it got that far."""
     try:
         with open(pid_file) as fh:

@@ -200,18 +200,18 @@ def status_json(exit_code: int | None, message: str = "") -> bytes:
         return b'{"metadata":{},"status":"Success"}'
     status: dict[str, object] = {"metadata": {}, "status": "Failure"}
     if exit_code is not None:
-        status["message"] = _failure_message(exit_code, message)
+        status["message"] = failure_message(exit_code, message)
         status["reason"] = "NonZeroExitCode"
         status["details"] = {"causes": [{"reason": "ExitCode", "message": str(exit_code)}]}
     else:
-        status["message"] = _failure_message(None, message)
+        status["message"] = failure_message(None, message)
         status["reason"] = "InternalError"
         status["details"] = {"causes": [{"message": message}]}
         status["code"] = 500
     return json.dumps(status, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _failure_message(exit_code: int | None, message: str) -> str:
+def failure_message(exit_code: int | None, message: str) -> str:
     """Status.Message, also the whole error text under pre-v4 protocols."""
     if exit_code is None:
         return f"Internal error occurred: {message}"
@@ -259,7 +259,7 @@ def _parse_port(text: str) -> int:
 # --- resize ---------------------------------------------------------------------------
 
 
-class _ResizeDecoder:
+class ResizeDecoder:
     """Channel 4 is one JSON *stream* (the kubelet runs json.Decoder over it), not one
     object per message: an object may span messages and a message may hold several.
 
@@ -346,7 +346,7 @@ class ChannelCodec:
         self._ws = WSConnection(ConnectionType.SERVER)
         self._outbox: list[bytes] = []
         self._finished = False
-        self._resize = _ResizeDecoder(max_resize_buffer)
+        self._resize = ResizeDecoder(max_resize_buffer)
         # the message being received: its channel (or a state), base64 carry, signal bytes
         self._in_channel = _AWAITING_CHANNEL
         self._carry = b""
@@ -572,7 +572,7 @@ class ChannelCodec:
             return self.send(ERROR, status_json(exit_code, message))
         if exit_code == 0 or (exit_code is None and not message):
             return b""
-        return self.send(ERROR, _failure_message(exit_code, message).encode())
+        return self.send(ERROR, failure_message(exit_code, message).encode())
 
     def close_channel(self, channel: int) -> bytes:
         """A v5 [255, channel] half-close; b"" under older protocols, which cannot say it.

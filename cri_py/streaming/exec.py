@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import os
 import secrets
 import socket
@@ -26,9 +25,7 @@ from typing import Any
 
 from cri_py.container.model import RUNNING
 from cri_py.errors import FailedPrecondition, InvalidArgument
-from cri_py.runtime.launch import shim_argv
-from cri_py.runtime.runc import _error, _kill_pid_file
-from cri_py.shim import runc as shim_runc
+from cri_py.runtime.runc import ExecCommand, kill_pid_file
 
 CHUNK = 1 << 15
 DRAIN_SECONDS = 1.0
@@ -64,7 +61,7 @@ async def _kill_exec(proc: asyncio.subprocess.Process, pid_file: str) -> None:
         except FileNotFoundError:
             pass
         await asyncio.sleep(0.05)
-    _kill_pid_file(pid_file)
+    kill_pid_file(pid_file)
     try:
         await asyncio.wait_for(proc.wait(), 5)
     except asyncio.TimeoutError:
@@ -118,28 +115,21 @@ class ExecProcess:
     async def run(self) -> int:
         containers, container = self.containers, self.container
         sandbox = containers.sandboxes.get(container.sandbox_id)
-        runc = containers._runc(sandbox)
-        state_dir = containers._state_dir(container.id)
-        with open(os.path.join(container.bundle, "config.json"), "rb") as fh:
-            process = json.load(fh)["process"]
-        process = dict(process, args=self.cmd, terminal=self.tty)
-        process.pop("consoleSize", None)
-        tag = secrets.token_hex(6)
-        pid_file = os.path.join(state_dir, f"exec-{tag}.pid")
-        fd, process_file = tempfile.mkstemp(prefix=".exec-", suffix=".json", dir=state_dir)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(process, fh)
+        pid_file = containers.exec_pid_file(container)
         extra: list[str] = []
         console_path = ""
         listener = None
         if self.tty:
-            console_path = os.path.join(tempfile.gettempdir(), f"cri-py-console-{tag}.sock")
+            console_path = os.path.join(tempfile.gettempdir(), f"cri-py-console-{secrets.token_hex(6)}.sock")
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(console_path)
             listener.listen(1)
             listener.setblocking(False)
             extra = ["--tty", "--console-socket", console_path]
-        runc_argv = runc.command.argv("exec", "--detach", *extra, "--process", process_file, "--pid-file", pid_file, container.id)
+        command = ExecCommand.prepare(
+            containers.runc_for(sandbox), container.id, containers.exec_process(container, self.cmd, self.tty),
+            pid_file, *extra,
+        )
         fds: list[int] = []  # our ends, closed in finally unless handed to a transport
         child_fds: list[int] = []
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -159,7 +149,7 @@ class ExecProcess:
             fds.append(out_r)
             child_fds.append(out_w)
             stdout_arg = out_w
-        argv = shim_argv("execwait", str(status_w), pid_file, *runc_argv)
+        argv = command.argv(status_w)
         tasks: list[asyncio.Task] = []
         transports: list[asyncio.BaseTransport] = []
         proc = None
@@ -213,14 +203,7 @@ class ExecProcess:
             await proc.wait()
             await status_task
             await asyncio.wait(readers, timeout=DRAIN_SECONDS)
-            try:
-                outcome = json.loads(b"".join(status) or b"{}")
-            except ValueError:
-                outcome = {}
-            if "exit_code" not in outcome:
-                detail = b"".join(err_sink).decode(errors="replace").strip() or str(outcome)
-                raise _error(runc_argv, outcome.get("runc_failed"), shim_runc.error_detail(detail.encode()))
-            return int(outcome["exit_code"])
+            return command.exit_code(b"".join(status), b"".join(err_sink))
         finally:
             if proc is not None and proc.returncode is None:
                 await asyncio.shield(_kill_exec(proc, pid_file))
@@ -235,10 +218,10 @@ class ExecProcess:
             self._master = None
             if listener is not None:
                 listener.close()
-            for path in (process_file, pid_file, console_path):
-                if path:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
+            command.cleanup()
+            if console_path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(console_path)
 
     async def _receive_master(self, listener: socket.socket, proc: asyncio.subprocess.Process) -> int:
         loop = asyncio.get_running_loop()

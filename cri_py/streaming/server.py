@@ -267,6 +267,37 @@ class Connection:
             await WsPortForward(self, codec, req.id, ports).run(trailing)
 
 
+async def _spdy_read_loop(
+    connection: Connection,
+    conn: spdy.SpdyConnection,
+    handle: Callable[[spdy.Event], bool],
+    trailing: bytes,
+    what: str,
+) -> None:
+    """Feed the client's bytes to the SPDY codec and its events to `handle` until the
+    client hangs up, `handle` says stop (False), or the client breaks the protocol
+    (then a GOAWAY goes out first)."""
+    data = trailing
+    while True:
+        if data:
+            try:
+                events = conn.receive_data(data)
+            except spdy.ProtocolError as exc:
+                log.info("SPDY protocol error from %s client: %s", what, exc)
+                conn.goaway(spdy.GoAwayStatus.PROTOCOL_ERROR)
+                connection.write(conn.data_to_send())
+                return
+            for event in events:
+                if handle(event) is False:
+                    connection.write(conn.data_to_send())
+                    return
+            connection.write(conn.data_to_send())
+            await connection.flush()
+        data = await connection.read()
+        if not data:
+            return
+
+
 async def _race(main: Awaitable[Any], reader: Awaitable[Any]) -> None:
     """Run the session's work and its read loop; whichever ends first ends the other."""
     work = asyncio.ensure_future(main)
@@ -325,7 +356,7 @@ class SpdyExec(_ExecSession):
         self.streams: dict[str, int] = {}
         self.by_id: dict[int, str] = {}
         self.all_streams = asyncio.Event()
-        self.resize_decoder = channels._ResizeDecoder()
+        self.resize_decoder = channels.ResizeDecoder()
         self.pending_stdin: list[bytes | None] = []
         self.size: tuple[int, int] | None = None  # (width, height) before the process exists
         self.expected = {"error"} | {name for name, flag in (("stdin", req.stdin), ("stdout", req.stdout), ("stderr", req.stderr)) if flag}
@@ -362,7 +393,7 @@ class SpdyExec(_ExecSession):
         elif code == 0 or (code is None and not message):
             payload = b""
         else:
-            payload = channels._failure_message(code, message).encode()
+            payload = channels.failure_message(code, message).encode()
         with contextlib.suppress(spdy.StreamClosedError):
             self.conn.data(self.streams["error"], payload, fin=True)
         self.flush_conn()
@@ -403,25 +434,7 @@ class SpdyExec(_ExecSession):
             self.pending_stdin.append(data)
 
     async def read_loop(self, trailing: bytes) -> None:
-        data = trailing
-        while True:
-            if data:
-                try:
-                    events = self.conn.receive_data(data)
-                except spdy.ProtocolError as exc:
-                    log.info("SPDY protocol error from exec client: %s", exc)
-                    self.conn.goaway(spdy.GoAwayStatus.PROTOCOL_ERROR)
-                    self.flush_conn()
-                    return
-                for event in events:
-                    if self.handle(event) is False:
-                        self.flush_conn()
-                        return
-                self.flush_conn()
-                await self.connection.flush()
-            data = await self.connection.read()
-            if not data:
-                return
+        await _spdy_read_loop(self.connection, self.conn, self.handle, trailing, "exec")
 
     def handle(self, event: spdy.Event) -> bool:
         if isinstance(event, spdy.StreamOpened):
@@ -545,23 +558,7 @@ class SpdyPortForward:
         self.connection.write(self.conn.data_to_send())
 
     async def run(self, trailing: bytes) -> None:
-        data = trailing
-        while True:
-            if data:
-                try:
-                    events = self.conn.receive_data(data)
-                except spdy.ProtocolError as exc:
-                    log.info("SPDY protocol error from port-forward client: %s", exc)
-                    return
-                for event in events:
-                    if self.handle(event) is False:
-                        self.flush_conn()
-                        return
-                self.flush_conn()
-                await self.connection.flush()
-            data = await self.connection.read()
-            if not data:
-                return
+        await _spdy_read_loop(self.connection, self.conn, self.handle, trailing, "port-forward")
 
     def handle(self, event: spdy.Event) -> bool:
         if isinstance(event, spdy.StreamOpened):
