@@ -23,11 +23,12 @@ from cri_py import events as events_mod
 from cri_py.config import Config
 from cri_py.container import spec as spec_builder
 from cri_py.container.model import CREATED, EXITED, RUNNING, UNKNOWN, Container, ContainerConfig, absolute_log_path
-from cri_py.container.status import exit_reason, memory_cgroup_dir, oom_kills, parse_signal, termination_message
+from cri_py.container.status import exit_reason, oom_kills, parse_signal, termination_message
 from cri_py.container.users import effective_user
 from cri_py.errors import FailedPrecondition, InvalidArgument, NotFound
 from cri_py.events import EventBus
 from cri_py.image.images import ImageManager, ImageRecord
+from cri_py.metrics.cgroups import memory_cgroup_dir
 from cri_py.metrics.registry import log_bytes
 from cri_py.metrics.registry import oom_kills as oom_kills_total
 from cri_py.runtime import mount

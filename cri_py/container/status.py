@@ -11,7 +11,6 @@ import os
 import signal
 
 from cri_py.errors import InvalidArgument
-from cri_py.metrics import cgroups
 
 MAX_MESSAGE_BYTES = 4096  # the kubelet's own cap on a termination message
 FALLBACK_LOG_LINES = 80
@@ -19,11 +18,6 @@ FALLBACK_LOG_BYTES = 2048
 
 TERMINATION_PATH_ANNOTATION = "io.kubernetes.container.terminationMessagePath"
 TERMINATION_POLICY_ANNOTATION = "io.kubernetes.container.terminationMessagePolicy"
-
-
-def memory_cgroup_dir(pid: int) -> str:
-    """The memory cgroup dir of a live process; resolution lives in metrics.cgroups (real mount points)."""
-    return cgroups.memory_cgroup_dir(pid)
 
 
 def oom_kills(cgroup_dir: str) -> int:

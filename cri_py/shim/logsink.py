@@ -148,14 +148,6 @@ class FileSink(LogSink):
         self._open()
 
 
-class RawFileSink(FileSink):
-    """Appends the raw bytes of both streams (no framing): for debugging only."""
-
-    def write(self, stream: str, data: bytes) -> None:
-        """Append the chunk as it is."""
-        self._write([data])
-
-
 class CriLogSink(FileSink):
     """The kubelet's CRI log file, written by the shim (conmon style).
 

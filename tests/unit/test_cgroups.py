@@ -134,13 +134,6 @@ def test_gone_process_has_no_dirs() -> None:
     assert cgroups.cgroup_dirs(2**31 - 1).empty  # above any pid_max
 
 
-def test_status_memory_cgroup_dir_delegates() -> None:
-    from cri_py.container import status
-
-    assert status.memory_cgroup_dir(2**31 - 1) == ""
-    assert status.memory_cgroup_dir(os.getpid()) == cgroups.memory_cgroup_dir(os.getpid())
-
-
 # ---------------------------------------------------------------- file parsers
 
 
