@@ -255,16 +255,19 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
             raise FailedPrecondition("the streaming server is not running")
         return self.streaming
 
+    @staticmethod
+    def _check_streams(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> None:
+        """The kubelet's own rules for an exec or attach request."""
+        if not (stdin or stdout or stderr):
+            raise InvalidArgument("one of stdin, stdout and stderr must be set")
+        if tty and stderr:
+            raise InvalidArgument("tty and stderr cannot both be set")
+
     async def Exec(self, request: cri.ExecRequest, context: grpc.aio.ServicerContext) -> cri.ExecResponse:
-        container = self.containers.get(request.container_id)
-        if container.state != RUNNING:
-            raise FailedPrecondition(f"container {container.id} is not running")
+        container = self.containers.running(request.container_id)
         if not request.cmd:
             raise InvalidArgument("exec needs a command")
-        if not (request.stdin or request.stdout or request.stderr):
-            raise InvalidArgument("one of stdin, stdout and stderr must be set")
-        if request.tty and request.stderr:
-            raise InvalidArgument("tty and stderr cannot both be set")
+        self._check_streams(request.stdin, request.stdout, request.stderr, request.tty)
         stream_request = StreamRequest(
             kind="exec",
             id=container.id,
@@ -275,6 +278,19 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
             tty=request.tty,
         )
         return cri.ExecResponse(url=self._streaming_server().register(stream_request))
+
+    async def Attach(self, request: cri.AttachRequest, context: grpc.aio.ServicerContext) -> cri.AttachResponse:
+        container = self.containers.running(request.container_id)
+        self._check_streams(request.stdin, request.stdout, request.stderr, request.tty)
+        stream_request = StreamRequest(
+            kind="attach",
+            id=container.id,
+            stdin=request.stdin,
+            stdout=request.stdout,
+            stderr=request.stderr,
+            tty=request.tty,
+        )
+        return cri.AttachResponse(url=self._streaming_server().register(stream_request))
 
     async def PortForward(
         self, request: cri.PortForwardRequest, context: grpc.aio.ServicerContext

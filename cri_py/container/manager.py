@@ -33,6 +33,7 @@ from cri_py.metrics.registry import log_bytes
 from cri_py.metrics.registry import oom_kills as oom_kills_total
 from cri_py.runtime import mount
 from cri_py.runtime.runc import ExecResult, Runc, exec_sync
+from cri_py.runtime.shim_client import AttachStream
 from cri_py.runtime.tasks import TaskManager, TaskSpec, TaskState
 from cri_py.sandbox.manager import SandboxManager
 from cri_py.sandbox.model import READY, Sandbox
@@ -428,9 +429,7 @@ class ContainerManager:
         """ExecSync: the command in the container's namespaces with its user and env."""
         if not cmd:
             raise InvalidArgument("exec needs a command")
-        container = self.get(container_id)
-        if container.state != RUNNING:
-            raise FailedPrecondition(f"container {container.id} is not running")
+        container = self.running(container_id)
         sandbox = self.sandboxes.get(container.sandbox_id)
         process = self.exec_process(container, cmd, tty=False)
         return await exec_sync(self.runc_for(sandbox), container.id, process, timeout, self.exec_pid_file(container))
@@ -446,6 +445,18 @@ class ContainerManager:
     def exec_pid_file(self, container: Container) -> str:
         """A fresh path for runc's --pid-file of one exec."""
         return os.path.join(self.state_dir(container.id), f"exec-{secrets.token_hex(6)}.pid")
+
+    def running(self, container_id: str) -> Container:
+        """The container, which must be running (exec and attach need a live process)."""
+        container = self.get(container_id)
+        if container.state != RUNNING:
+            raise FailedPrecondition(f"container {container.id} is not running")
+        return container
+
+    async def attach(self, container_id: str, *, stdin: bool, stdout: bool, stderr: bool) -> AttachStream:
+        """A stream of the running container's own stdio, through its shim."""
+        container = self.running(container_id)
+        return await self.tasks.attach(container.id, stdin=stdin, stdout=stdout, stderr=stderr)
 
     async def update_resources(self, container_id: str, resources: Any) -> None:
         """UpdateContainerResources: runc update, then the status reports the new values."""
@@ -463,9 +474,7 @@ class ContainerManager:
             await self._save(container)
 
     async def reopen_log(self, container_id: str) -> None:
-        container = self.get(container_id)
-        if container.state != RUNNING:
-            raise FailedPrecondition(f"container {container.id} is not running")
+        container = self.running(container_id)
         await self.tasks.reopen_log(container.id)
 
     # --- recovery ---------------------------------------------------------------------------

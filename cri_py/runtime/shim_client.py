@@ -92,3 +92,55 @@ async def call(
     """Connect, ask once, close."""
     async with ShimConnection(task_dir) as conn:
         return await conn.request(message, timeout)
+
+
+class AttachStream:
+    """A connection the shim has turned into an attach stream: frames both ways."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tty: bool, stdin: bool
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.tty = tty  # the container has a terminal: one output, resizable
+        self.stdin = stdin  # the container was created with stdin open
+
+    async def read(self) -> tuple[int, bytes] | None:
+        """The next frame from the shim; None when it hung up."""
+        try:
+            header = await self._reader.readexactly(p.FRAME_HEADER)
+            size = int.from_bytes(header[1:], "big")
+            if size > p.MAX_FRAME:
+                raise ShimGone(f"attach frame of {size} bytes from the shim")
+            return header[0], await self._reader.readexactly(size)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            return None
+
+    async def send(self, kind: int, payload: bytes = b"") -> None:
+        """One frame to the shim; waits while the shim is not reading (backpressure)."""
+        try:
+            self._writer.write(p.frame(kind, payload))
+            await self._writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise ShimGone(f"attach stream: {exc}") from None
+
+    async def close(self) -> None:
+        """Leave the session (the shim forgets this client)."""
+        self._writer.close()
+        try:
+            await self._writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+async def attach(task_dir: str, *, stdin: bool, stdout: bool, stderr: bool) -> AttachStream:
+    """Ask the shim for an attach stream of the container's stdio."""
+    conn = ShimConnection(task_dir)
+    await conn.__aenter__()
+    try:
+        reply = await conn.request({"op": "attach", "stdin": stdin, "stdout": stdout, "stderr": stderr})
+    except BaseException:
+        await conn.__aexit__()
+        raise
+    assert conn._reader is not None and conn._writer is not None
+    return AttachStream(conn._reader, conn._writer, bool(reply.get("tty")), bool(reply.get("stdin")))

@@ -202,6 +202,16 @@ class TaskManager:
         except ShimGone:
             raise errors.FailedPrecondition(f"task {id} has no running shim to reopen its log") from None
 
+    async def attach(
+        self, id: str, *, stdin: bool, stdout: bool, stderr: bool
+    ) -> shim_client.AttachStream:
+        """A live copy of the task's output and a way into its stdin, from its shim."""
+        task = self._require(id)
+        try:
+            return await shim_client.attach(task.dir, stdin=stdin, stdout=stdout, stderr=stderr)
+        except ShimGone:
+            raise errors.FailedPrecondition(f"task {id} has no running shim to attach to") from None
+
     async def wait(self, id: str, timeout: float | None = None) -> TaskState:
         """Until the task has stopped; its final state (TimeoutError after `timeout`)."""
         task = self._require(id)

@@ -52,6 +52,18 @@ INTERNAL = "internal"
 MAX_LINE = 1 << 20  # a request line longer than this is a protocol error
 
 
+# --- attach streams ------------------------------------------------------------------
+# After an `attach` request is answered, that connection carries binary frames both
+# ways: one byte of kind, four bytes of big-endian length, the payload.
+ATTACH_STDIN = 0  # client -> shim: bytes for the container's stdin
+ATTACH_STDOUT = 1  # shim -> client: container output
+ATTACH_STDERR = 2
+ATTACH_END = 3  # shim -> client: the session is over; payload is JSON {"reason", "exit_code"}
+ATTACH_RESIZE = 4  # client -> shim: width then height, two big-endian uint16 (tty only)
+ATTACH_CLOSE_STDIN = 5  # client -> shim: the client's stdin has ended
+FRAME_HEADER = 5
+MAX_FRAME = 1 << 20  # a peer announcing more than this is broken
+
 class ProtocolError(Exception):
     """A peer sent something that is not a protocol message."""
 
@@ -160,3 +172,32 @@ class UnixPath:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def frame(kind: int, payload: bytes = b"") -> bytes:
+    """One attach frame."""
+    return bytes((kind,)) + len(payload).to_bytes(4, "big") + payload
+
+
+class FrameBuffer:
+    """Splits an attach byte stream into (kind, payload) frames, whatever the chunking."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Add received bytes; every frame they complete, in order."""
+        buf = self._pending + data if self._pending else data
+        frames = []
+        start = 0
+        while len(buf) - start >= FRAME_HEADER:
+            size = int.from_bytes(buf[start + 1 : start + FRAME_HEADER], "big")
+            if size > MAX_FRAME:
+                raise ProtocolError(f"attach frame of {size} bytes (max {MAX_FRAME})")
+            end = start + FRAME_HEADER + size
+            if end > len(buf):
+                break
+            frames.append((buf[start], buf[start + FRAME_HEADER : end]))
+            start = end
+        self._pending = buf[start:]
+        return frames

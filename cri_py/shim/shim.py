@@ -35,6 +35,7 @@ TYPE_CHECKING = False  # typing costs every shim memory; checkers know this name
 
 from cri_py.shim import protocol as p
 from cri_py.shim import linux, runc
+from cri_py.shim.attach import AttachHub
 from cri_py.shim.linux import set_child_subreaper, set_process_name
 from cri_py.shim.logsink import STDERR, STDOUT, LogSink, make_sink
 
@@ -94,6 +95,7 @@ class ContainerIO:
         self.want_stdin = want_stdin
         self.readers: dict[int, str] = {}  # our read ends: fd -> stream name
         self.stdin_fd = -1  # our write end of the container's stdin (or the pty master)
+        self.tap: Callable[[str, bytes], None] | None = None  # attached clients' copy
         self._child_fds: list[int] = []
 
     def child_stdio(self) -> tuple[int, int, int]:
@@ -140,6 +142,8 @@ class ContainerIO:
         if not data:
             return False
         self.sink.write(self.readers[fd], data)
+        if self.tap is not None:
+            self.tap(self.readers[fd], data)
         return True
 
     def drain(self) -> list[int]:
@@ -157,6 +161,8 @@ class ContainerIO:
                     ended.append(fd)
                     break
                 self.sink.write(self.readers[fd], data)
+                if self.tap is not None:
+                    self.tap(self.readers[fd], data)
         return ended
 
     def close_reader(self, fd: int) -> None:
@@ -166,6 +172,12 @@ class ContainerIO:
             self.sink.end(stream)
             if fd != self.stdin_fd:
                 os.close(fd)
+
+    def close_stdin(self) -> None:
+        """EOF for the container's stdin pipe (a pty master stays: it is the output too)."""
+        if self.stdin_fd >= 0 and not self.tty:
+            os.close(self.stdin_fd)
+            self.stdin_fd = -1
 
     def close(self) -> None:
         """Release every fd and the sink (the shim is leaving)."""
@@ -179,35 +191,86 @@ class ContainerIO:
 
 
 class EventLoop:
-    """fd -> callback over epoll: the smallest loop the shim needs."""
+    """fd -> callbacks over epoll: the smallest loop the shim needs.
+
+    An fd may have a reader (readable or hung up), a writer (writable; only while
+    there is something to write) or both (a pty master is output and stdin). A paused
+    reader stays registered, so a hang-up still reaches it.
+    """
 
     def __init__(self) -> None:
         self.epoll = select.epoll()
         self.handlers: dict[int, Callable[[int], None]] = {}
+        self.writers: dict[int, Callable[[int], None]] = {}
+        self.paused: set[int] = set()
+        self.masks: dict[int, int] = {}  # what each registered fd is registered for
 
     def add(self, fd: int, callback: Callable[[int], None]) -> None:
         """Call `callback(fd)` whenever fd is readable (or hung up)."""
-        self.epoll.register(fd, select.EPOLLIN)
         self.handlers[fd] = callback
+        self._update(fd)
 
     def remove(self, fd: int) -> None:
         """Stop watching fd (before closing it)."""
-        if self.handlers.pop(fd, None) is not None:
-            self.epoll.unregister(fd)
+        self.handlers.pop(fd, None)
+        self.writers.pop(fd, None)
+        self.paused.discard(fd)
+        self._update(fd)
+
+    def want_write(self, fd: int, callback: Callable[[int], None] | None) -> None:
+        """Call `callback(fd)` while fd is writable; None stops that."""
+        if callback is None:
+            self.writers.pop(fd, None)
+        else:
+            self.writers[fd] = callback
+        self._update(fd)
+
+    def pause(self, fd: int, paused: bool) -> None:
+        """Stop (or resume) reading fd without forgetting it."""
+        if paused:
+            self.paused.add(fd)
+        else:
+            self.paused.discard(fd)
+        self._update(fd)
+
+    def _update(self, fd: int) -> None:
+        """Make epoll's registration of fd match what is wanted of it."""
+        if fd not in self.handlers and fd not in self.writers:
+            if self.masks.pop(fd, None) is not None:
+                self.epoll.unregister(fd)
+            return
+        mask = 0
+        if fd in self.handlers and fd not in self.paused:
+            mask |= select.EPOLLIN
+        if fd in self.writers:
+            mask |= select.EPOLLOUT
+        old = self.masks.get(fd)
+        if old is None:
+            self.epoll.register(fd, mask)
+        elif old != mask:
+            self.epoll.modify(fd, mask)
+        self.masks[fd] = mask
 
     def poll(self, timeout: float = -1) -> list[Callable[[int], None] | int]:
         """Wait for events; returns [callback, fd, callback, fd, ...] flattened."""
         ready: list[Callable[[int], None] | int] = []
-        for fd, _ in self.epoll.poll(timeout):
-            callback = self.handlers.get(fd)
-            if callback is not None:
-                ready += (callback, fd)
+        for fd, events in self.epoll.poll(timeout):
+            if events & (select.EPOLLOUT | select.EPOLLERR):
+                writer = self.writers.get(fd)
+                if writer is not None:
+                    ready += (writer, fd)
+            if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                callback = self.handlers.get(fd)
+                if callback is not None:
+                    ready += (callback, fd)
         return ready
 
     def close(self) -> None:
         """Release the epoll fd."""
         self.epoll.close()
         self.handlers.clear()
+        self.writers.clear()
+        self.masks.clear()
 
 
 class Conn:
@@ -234,6 +297,7 @@ class Shim:
             make_sink(self.task.log_path, self.path(p.LOG_BYTES_FILE)), self.task.stdin, self.task.tty
         )
         self.loop = EventLoop()
+        self.attached = AttachHub(self.loop, self.io, self.task.stdin_once, log)
         self.conns: dict[int, Conn] = {}
         self.waiters: list[Conn] = []
         self.status = "creating"
@@ -252,6 +316,7 @@ class Shim:
             "delete": self.op_delete,
             "shutdown": self.op_shutdown,
             "reopen_log": self.op_reopen_log,
+            "attach": self.op_attach,
         }
 
     def path(self, name: str) -> str:
@@ -395,7 +460,9 @@ class Shim:
 
     def on_client(self, fd: int) -> None:
         """Bytes from a client: parse lines, run requests in order."""
-        conn = self.conns[fd]
+        conn = self.conns.get(fd)
+        if conn is None:
+            return  # became an attach stream earlier in this round of events
         try:
             data = conn.sock.recv(65536)
         except OSError:
@@ -489,6 +556,7 @@ class Shim:
                 self.loop.remove(fd)
                 self.io.close_reader(fd)
         p.write_json_atomic(self.path(p.EXIT_FILE), self.state())
+        self.attached.end("exited", self.exit_code)
         waiters, self.waiters = self.waiters, []
         for conn in waiters:
             self.answer(conn, p.ok(state=self.state()))
@@ -581,6 +649,21 @@ class Shim:
         self.running = False
         return p.ok()
 
+    def op_attach(self, conn: Conn, request: dict[str, Any]) -> dict[str, Any] | None:
+        """Turn this connection into an attach stream (frames from now on)."""
+        if self.status != p.RUNNING:
+            return p.error(p.FAILED_PRECONDITION, f"task {self.task.id} is {self.status}, not running")
+        if conn.queue or conn.lines.pending:
+            return p.error(p.INVALID_ARGUMENT, "attach must be the last request on its connection")
+        self.send(conn, p.ok(tty=self.task.tty, stdin=self.io.stdin_fd >= 0))
+        if self.conns.pop(conn.fd, None) is None:
+            return None  # the client went away while we answered
+        self.loop.remove(conn.fd)
+        self.attached.add(
+            conn.sock, bool(request.get("stdout")), bool(request.get("stderr")), bool(request.get("stdin"))
+        )
+        return None
+
     def op_reopen_log(self, conn: Conn, request: dict[str, Any]) -> dict[str, Any]:
         """Start a new log file (after the kubelet rotated the old one)."""
         try:
@@ -595,6 +678,7 @@ class Shim:
         """Close clients, output and the socket file; the task dir is the daemon's."""
         for conn in list(self.conns.values()):
             self.drop(conn)
+        self.attached.close()
         self.io.close()
         try:
             os.unlink(self.path(p.SHIM_SOCKET))

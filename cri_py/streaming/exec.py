@@ -23,7 +23,6 @@ import termios
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from cri_py.container.model import RUNNING
 from cri_py.errors import FailedPrecondition, InvalidArgument
 from cri_py.runtime.runc import ExecCommand, kill_pid_file
 
@@ -76,9 +75,7 @@ class ExecProcess:
     def __init__(self, containers: Any, container_id: str, cmd: list[str], *, tty: bool, stdin: bool, output: OutputFn) -> None:
         if not cmd:
             raise InvalidArgument("exec needs a command")
-        container = containers.get(container_id)
-        if container.state != RUNNING:
-            raise FailedPrecondition(f"container {container.id} is not running")
+        container = containers.running(container_id)
         self.containers = containers
         self.container = container
         self.cmd = list(cmd)

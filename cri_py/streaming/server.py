@@ -1,8 +1,8 @@
-"""The streaming server: exec and port-forward over SPDY/3.1 or WebSocket.
+"""The streaming server: exec, attach and port-forward over SPDY/3.1 or WebSocket.
 
 One asyncio TCP listener (TLS when a certificate is configured) parses the HTTP/1.1
 request with h11, consumes the single-use token in the path (`/exec/TOKEN`,
-`/portforward/TOKEN`; unknown, used or expired → 404) and upgrades the connection to
+`/attach/TOKEN`, `/portforward/TOKEN`; unknown, used or expired → 404) and upgrades the connection to
 SPDY/3.1 (`spdy.SpdyConnection`) or WebSocket (`channels.ChannelCodec`). Every task a
 connection starts lives in that connection's scope: when the client goes away the
 exec'd process is killed and port-forward sockets are closed.
@@ -22,6 +22,7 @@ import h11
 
 from cri_py.config import StreamingConfig
 from cri_py.streaming import channels, spdy
+from cri_py.streaming.attach import AttachProcess
 from cri_py.streaming.exec import ExecProcess
 from cri_py.streaming.portforward import connect as pf_connect
 from cri_py.streaming.tokens import StreamRequest, TokenCache
@@ -195,7 +196,7 @@ class Connection:
         target = request.target.decode("ascii", "replace")
         path = target.split("?", 1)[0]
         parts = path.strip("/").split("/")
-        if request.method != b"GET" or len(parts) != 2 or parts[0] not in ("exec", "portforward"):
+        if request.method != b"GET" or len(parts) != 2 or parts[0] not in ("exec", "attach", "portforward"):
             self.write(_http_response(404, "not found"))
             return
         kind, token = parts
@@ -219,7 +220,7 @@ class Connection:
         for name, value in request.headers:
             if name.lower() == b"x-stream-protocol-version":
                 offered += [v.strip() for v in value.decode("latin-1").split(",") if v.strip()]
-        supported = EXEC_PROTOCOLS if req.kind == "exec" else PORTFORWARD_PROTOCOLS
+        supported = PORTFORWARD_PROTOCOLS if req.kind == "portforward" else EXEC_PROTOCOLS
         if not offered:
             self.write(_http_response(400, "missing X-Stream-Protocol-Version"))
             return
@@ -239,7 +240,7 @@ class Connection:
         )
         await self.flush()
         conn = spdy.SpdyConnection(server=True)
-        if req.kind == "exec":
+        if req.kind != "portforward":
             await SpdyExec(self, conn, req, chosen).run(trailing)
         else:
             await SpdyPortForward(self, conn, req).run(trailing)
@@ -261,7 +262,7 @@ class Connection:
             self.write(exc.response)
             return
         await self.flush()
-        if req.kind == "exec":
+        if req.kind != "portforward":
             await WsExec(self, codec, req).run(trailing)
         else:
             await WsPortForward(self, codec, req.id, ports).run(trailing)
@@ -313,12 +314,13 @@ async def _race(main: Awaitable[Any], reader: Awaitable[Any]) -> None:
 
 
 class _ExecSession:
-    """What SPDY and WebSocket exec share: creating and running the process."""
+    """What SPDY and WebSocket exec and attach share: creating and running the process
+    (an exec'd one, or the session with the container's own that attach is)."""
 
     def __init__(self, connection: Connection, req: StreamRequest) -> None:
         self.connection = connection
         self.req = req
-        self.process: ExecProcess | None = None
+        self.process: ExecProcess | AttachProcess | None = None
         self.ready = asyncio.Event()
 
     async def send_output(self, stream: int, data: bytes) -> None:
@@ -330,21 +332,23 @@ class _ExecSession:
 
     async def execute(self) -> tuple[int | None, str]:
         """(exit code, error message)."""
+        containers = self.connection.server.containers
+        req = self.req
         try:
-            self.process = ExecProcess(
-                self.connection.server.containers,
-                self.req.id,
-                self.req.cmd,
-                tty=self.req.tty,
-                stdin=self.req.stdin,
-                output=self._output,
-            )
+            if req.kind == "attach":
+                self.process = AttachProcess(
+                    containers, req.id, stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, output=self._output
+                )
+            else:
+                self.process = ExecProcess(
+                    containers, req.id, req.cmd, tty=req.tty, stdin=req.stdin, output=self._output
+                )
             self.ready.set()
             return await self.process.run(), ""
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported to the client
-            log.info("exec %s in %s failed: %s", self.req.cmd, self.req.id[:12], exc)
+            log.info("%s %s in %s failed: %s", req.kind, req.cmd, req.id[:12], exc)
             return None, str(exc)
 
 

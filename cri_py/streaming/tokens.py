@@ -23,10 +23,10 @@ DEFAULT_MAX_TOKENS = 1000
 
 @dataclass
 class StreamRequest:
-    """What a token stands for: one exec (container) or port-forward (sandbox)."""
+    """What a token stands for: one exec or attach (container) or port-forward (sandbox)."""
 
-    kind: Literal["exec", "portforward"]
-    id: str  # container id for exec, sandbox id for port-forward
+    kind: Literal["exec", "attach", "portforward"]
+    id: str  # container id for exec and attach, sandbox id for port-forward
     cmd: list[str] = field(default_factory=list)
     stdin: bool = False
     stdout: bool = False

@@ -291,3 +291,128 @@ async def ws_portforward_ports(url: str, payloads: dict[int, bytes]) -> dict[int
         writer.write(ws.send(BytesMessage(bytes((2 * i,)) + payloads[port])))
     await _ws_messages(reader, writer, ws, on_message)
     return {port: bytes(data) for port, data in out.items()}
+
+
+class Session:
+    """An interactive exec or attach: output is read as it comes, stdin and resizes are
+    sent when the test says. Subclasses speak SPDY or WebSocket."""
+
+    def __init__(self, result: Result, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.result = result
+        self.reader = reader
+        self.writer = writer
+        self.out = {"stdout": bytearray(), "stderr": bytearray(), "error": bytearray()}
+        self.done = False  # the server has finished the session (status sent, or hung up)
+
+    def _feed(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def read_until(self, predicate, timeout: float = TIMEOUT) -> bool:
+        """Read until predicate(self) holds (True) or the session ended first (False)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate(self):
+            if self.done:
+                return False
+            data = await asyncio.wait_for(self.reader.read(65536), max(0.01, deadline - loop.time()))
+            if not data:
+                self.done = True
+            else:
+                self._feed(data)
+        return True
+
+    async def finish(self, timeout: float = TIMEOUT) -> Result:
+        """Read until the server ends the session; the whole result."""
+        await self.read_until(lambda s: s.done, timeout)
+        self.close()
+        return self.outcome()
+
+    def outcome(self) -> Result:
+        self.result.stdout = bytes(self.out["stdout"])
+        self.result.stderr = bytes(self.out["stderr"])
+        self.result.error = bytes(self.out["error"])
+        return self.result
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class SpdySession(Session):
+    @classmethod
+    async def open(cls, url: str, *, stdin: bool = False, stdout: bool = True, stderr: bool = False,
+                   tty: bool = False, protocol: str = "v4.channel.k8s.io") -> "SpdySession":
+        result, reader, writer, trailing = await _spdy_upgrade(url, [protocol])
+        assert reader is not None, f"upgrade refused: {result.status}"
+        session = cls(result, reader, writer)
+        session.conn = spdy.SpdyConnection(server=False)
+        session.ids = {}
+        for kind, wanted, fin in (("error", True, True), ("stdin", stdin, False), ("stdout", stdout, True),
+                                  ("stderr", stderr, True), ("resize", tty, False)):
+            if wanted:
+                session.ids[kind] = session.conn.next_stream_id
+                session.conn.syn_stream(session.ids[kind], {"streamtype": kind}, fin=fin)
+        session.names = {v: k for k, v in session.ids.items()}
+        session.flush()
+        if trailing:
+            session._feed(trailing)
+        return session
+
+    def flush(self) -> None:
+        self.writer.write(self.conn.data_to_send())
+
+    def send(self, data: bytes, fin: bool = False) -> None:
+        self.conn.data(self.ids["stdin"], data, fin=fin)
+        self.flush()
+
+    def resize(self, width: int, height: int) -> None:
+        self.conn.data(self.ids["resize"], json.dumps({"Width": width, "Height": height}).encode())
+        self.flush()
+
+    def _feed(self, data: bytes) -> None:
+        for event in self.conn.receive_data(data):
+            if isinstance(event, spdy.DataReceived):
+                name = self.names.get(event.stream_id, "")
+                if name in self.out:
+                    self.out[name] += event.data
+                    if name == "error" and event.fin:
+                        self.done = True
+            elif isinstance(event, spdy.GoAwayReceived):
+                self.done = True
+        self.flush()
+
+
+class WsSession(Session):
+    CHANNELS = {1: "stdout", 2: "stderr", 3: "error"}
+
+    @classmethod
+    async def open(cls, url: str, protocols: list[str] | None = None) -> "WsSession":
+        result, reader, writer, ws = await _ws_upgrade(url, protocols or ["v5.channel.k8s.io"])
+        assert reader is not None, f"upgrade refused: {result.status}"
+        session = cls(result, reader, writer)
+        session.ws = ws
+        session.partial = bytearray()
+        return session
+
+    def send(self, data: bytes, fin: bool = False) -> None:
+        if data:
+            self.writer.write(self.ws.send(BytesMessage(b"\x00" + data)))
+        if fin:
+            self.writer.write(self.ws.send(BytesMessage(b"\xff\x00")))  # v5 close of stdin
+
+    def resize(self, width: int, height: int) -> None:
+        payload = json.dumps({"Width": width, "Height": height}).encode()
+        self.writer.write(self.ws.send(BytesMessage(b"\x04" + payload)))
+
+    def _feed(self, data: bytes) -> None:
+        self.ws.receive_data(data)
+        for event in self.ws.events():
+            if isinstance(event, BytesMessage):
+                self.partial += event.data
+                if event.message_finished:
+                    if self.partial and self.partial[0] in self.CHANNELS:
+                        self.out[self.CHANNELS[self.partial[0]]] += self.partial[1:]
+                    self.partial.clear()
+            elif isinstance(event, CloseConnection):
+                with _suppress():
+                    self.writer.write(self.ws.send(event.response()))
+                self.done = True

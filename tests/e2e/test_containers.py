@@ -12,86 +12,8 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2 as cri
 
-from tests.e2e.conftest import MIRRORS, wait_for
+from tests.e2e.conftest import BUSYBOX, MIRRORS, wait_for
 from tests.e2e.network import PodNetwork
-
-BUSYBOX = "docker.io/library/busybox:latest"
-
-
-class Pod:
-    """A READY pod of a running server, with its log directory, for container tests."""
-
-    def __init__(self, server, sandbox_id: str, config: cri.PodSandboxConfig, log_dir: Path) -> None:
-        self.server = server
-        self.runtime = server.runtime()
-        self.id = sandbox_id
-        self.config = config
-        self.log_dir = log_dir
-        self.image_id = server.images().PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=BUSYBOX))).image_ref
-
-    def create(self, name: str, command: list[str], **kwargs) -> str:
-        config = cri.ContainerConfig(
-            metadata=cri.ContainerMetadata(name=name),
-            image=cri.ImageSpec(image=kwargs.pop("image", self.image_id)),
-            command=command,
-            log_path=kwargs.pop("log_path", f"{name}/0.log"),
-            labels={"name": name},
-            **kwargs,
-        )
-        request = cri.CreateContainerRequest(pod_sandbox_id=self.id, config=config, sandbox_config=self.config)
-        return self.runtime.CreateContainer(request, timeout=60).container_id
-
-    def run(self, name: str, command: list[str], **kwargs) -> str:
-        container_id = self.create(name, command, **kwargs)
-        self.runtime.StartContainer(cri.StartContainerRequest(container_id=container_id), timeout=60)
-        return container_id
-
-    def status(self, container_id: str, verbose: bool = False) -> cri.ContainerStatusResponse:
-        return self.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id, verbose=verbose))
-
-    def wait_exit(self, container_id: str, timeout: float = 30) -> cri.ContainerStatus:
-        def exited():
-            st = self.status(container_id).status
-            return st if st.state == cri.CONTAINER_EXITED else None
-
-        return wait_for(exited, timeout=timeout, what=f"container {container_id[:12]} to exit")
-
-    def log(self, name: str, index: int = 0) -> str:
-        return (self.log_dir / name / f"{index}.log").read_text()
-
-    def log_lines(self, name: str, stream: str = "stdout") -> list[str]:
-        """One stream's output lines, from the CRI-format records (the two streams are
-        separate pipes: their relative order in the file is not the program's)."""
-        records = [line.split(" ", 3) for line in self.log(name).splitlines()]
-        return [r[3] if len(r) == 4 else "" for r in records if r[1] == stream]
-
-    def exec(self, container_id: str, cmd: list[str], timeout: int = 10) -> cri.ExecSyncResponse:
-        return self.runtime.ExecSync(cri.ExecSyncRequest(container_id=container_id, cmd=cmd, timeout=timeout), timeout=60)
-
-
-@pytest.fixture
-def pod(server_factory, local_registry, tmp_path, request):
-    net = PodNetwork(tmp_path / "cni", index=abs(hash(request.node.name)) % 200)
-    server = server_factory(MIRRORS + net.server_config(), start=False)
-    net.attach(server)
-    net.write_conflist(server.conf_dir)
-    server.start()
-    log_dir = tmp_path / "pod-logs"
-    config = cri.PodSandboxConfig(
-        metadata=cri.PodSandboxMetadata(name="cpod", namespace="e2e", uid=f"uid-{request.node.name[:40]}"),
-        hostname="cpod",
-        log_directory=str(log_dir),
-    )
-    runtime = server.runtime()
-    sandbox_id = runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config), timeout=120).pod_sandbox_id
-    try:
-        yield Pod(server, sandbox_id, config, log_dir)
-    finally:
-        if server.proc.poll() is None:
-            for item in runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items:
-                runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=item.id), timeout=120)
-        net.cleanup()
-
 
 def test_lifecycle_exit_codes_reasons_and_logs(pod):
     ok = pod.run("ok", ["sh", "-c", "echo hello; echo oops >&2"])

@@ -41,6 +41,7 @@ IMPLEMENTED = {
     "RuntimeService/UpdateContainerResources",
     "RuntimeService/ExecSync",
     "RuntimeService/Exec",
+    "RuntimeService/Attach",
     "RuntimeService/PortForward",
     "RuntimeService/ReopenContainerLog",
     "RuntimeService/GetContainerEvents",

@@ -9,9 +9,8 @@ import time
 import pytest
 from cri_api.v1 import api_pb2 as cri
 
-from tests.e2e.conftest import MIRRORS, wait_for
+from tests.e2e.conftest import MIRRORS, Pod, wait_for
 from tests.e2e.network import PodNetwork
-from tests.e2e.test_containers import Pod
 
 
 @pytest.fixture

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import grpc
 import pytest
 from cri_api.v1 import api_pb2 as cri
 
 from tests.e2e import streamclient as sc
-from tests.e2e.conftest import wait_for
-from tests.e2e.test_containers import Pod, pod  # noqa: F401 - the fixture
+from tests.e2e.conftest import Pod, wait_for
 
 SUCCESS = {"metadata": {}, "status": "Success"}
 
@@ -170,3 +170,131 @@ def test_portforward_two_ports_over_websocket(pod):
         return None
 
     wait_for(both, timeout=20, what="two ports over one WebSocket")
+
+
+# --- attach -----------------------------------------------------------------------------
+
+COUNTER = ["sh", "-c", "i=0; while true; do echo line $i; i=$((i+1)); sleep 0.1; done"]
+
+
+def attach_url(pod: Pod, container_id: str, **flags) -> str:
+    flags.setdefault("stdout", True)
+    return pod.runtime.Attach(cri.AttachRequest(container_id=container_id, **flags)).url
+
+
+def shim_fds(pod: Pod, container_id: str) -> int:
+    """How many fds the container's shim holds (an attach that ended must leave none)."""
+    pid = (pod.server.base / "state" / "tasks" / container_id / "shim.pid").read_text().strip()
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def lines_in(session: sc.Session) -> list[str]:
+    return [line for line in session.out["stdout"].decode().splitlines() if line.startswith("line ")]
+
+
+def test_attach_sees_live_output_on_both_protocols_at_once(pod):
+    ctr = pod.run("counter", COUNTER)
+    fds = shim_fds(pod, ctr)
+
+    async def both() -> tuple[list[str], list[str]]:
+        spdy_s = await sc.SpdySession.open(attach_url(pod, ctr))
+        ws_s = await sc.WsSession.open(attach_url(pod, ctr))
+        assert spdy_s.result.protocol == "v4.channel.k8s.io" and ws_s.result.protocol == "v5.channel.k8s.io"
+        await asyncio.gather(
+            spdy_s.read_until(lambda s: len(lines_in(s)) >= 5),
+            ws_s.read_until(lambda s: len(lines_in(s)) >= 5),
+        )
+        spdy_s.close()
+        ws_s.close()
+        return lines_in(spdy_s), lines_in(ws_s)
+
+    seen_spdy, seen_ws = run(both())
+    for seen in (seen_spdy, seen_ws):  # consecutive lines: nothing lost or reordered
+        numbers = [int(line.split()[1]) for line in seen]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), seen
+    # the log is still written while clients are attached
+    wait_for(lambda: set(seen_spdy) <= set(pod.log_lines("counter")), what="attached lines in the log")
+    wait_for(lambda: shim_fds(pod, ctr) == fds, what="the shim to release the attach connections")
+    assert pod.status(ctr).status.state == cri.CONTAINER_RUNNING
+
+
+def test_attach_stdin_once_closes_the_container_stdin(pod):
+    ctr = pod.run("cat", ["cat"], stdin=True, stdin_once=True)
+
+    async def session() -> sc.Result:
+        s = await sc.SpdySession.open(attach_url(pod, ctr, stdin=True, stderr=True), stdin=True, stderr=True)
+        s.send(b"hello\n")
+        assert await s.read_until(lambda s: b"hello\n" in s.out["stdout"])
+        s.send(b"bye\n", fin=True)  # stdin_once: the end of our stdin is cat's EOF
+        return await s.finish()
+
+    result = run(session())
+    assert result.stdout == b"hello\nbye\n"
+    assert result.status_json == SUCCESS
+    status = pod.wait_exit(ctr)
+    assert status.exit_code == 0
+    assert pod.log_lines("cat") == ["hello", "bye"]
+
+
+def test_attach_stdin_without_stdin_once_keeps_the_container(pod):
+    ctr = pod.run("cat", ["cat"], stdin=True)
+
+    async def session(text: bytes) -> sc.Result:
+        s = await sc.WsSession.open(attach_url(pod, ctr, stdin=True))
+        s.send(text)
+        assert await s.read_until(lambda s: text in s.out["stdout"])
+        s.send(b"", fin=True)  # ends this session only: cat keeps its stdin
+        return await s.finish()
+
+    for text in (b"first\n", b"second\n"):
+        assert run(session(text)).status_json == SUCCESS
+    assert pod.status(ctr).status.state == cri.CONTAINER_RUNNING
+    assert pod.log_lines("cat") == ["first", "second"]
+
+
+def test_attach_tty_resize_and_exit(pod):
+    ctr = pod.run("shell", ["sh"], stdin=True, tty=True)
+
+    async def session() -> sc.Result:
+        s = await sc.SpdySession.open(attach_url(pod, ctr, stdin=True, tty=True), stdin=True, tty=True)
+        s.resize(100, 42)
+        s.send(b"stty size; echo marker-$((6*7))\n")
+        assert await s.read_until(lambda s: b"marker-42" in s.out["stdout"]), s.out
+        assert b"42 100" in s.out["stdout"]
+        s.send(b"exit 4\n")
+        return await s.finish()
+
+    result = run(session())
+    assert result.status_json == SUCCESS  # attach reports no exit code; the container does
+    assert pod.wait_exit(ctr).exit_code == 4
+
+
+def test_attach_ends_when_the_container_exits_and_validates(pod):
+    ctr = pod.run("short", ["sh", "-c", "read x; echo got $x; exit 0"], stdin=True)
+
+    async def session() -> sc.Result:
+        s = await sc.WsSession.open(attach_url(pod, ctr, stdin=True))
+        s.send(b"it\n")
+        return await s.finish()
+
+    result = run(session())
+    assert result.stdout == b"got it\n" and result.status_json == SUCCESS
+
+    def code(**kwargs) -> grpc.StatusCode:
+        with pytest.raises(grpc.RpcError) as err:
+            pod.runtime.Attach(cri.AttachRequest(**kwargs))
+        return err.value.code()
+
+    pod.wait_exit(ctr)
+    assert code(container_id="nope", stdout=True) == grpc.StatusCode.NOT_FOUND
+    assert code(container_id=ctr, stdout=True) == grpc.StatusCode.FAILED_PRECONDITION
+    live = pod.run("live", ["sleep", "1000"])
+    assert code(container_id=live) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code(container_id=live, tty=True, stdout=True, stderr=True) == grpc.StatusCode.INVALID_ARGUMENT
+    url = attach_url(pod, live)
+
+    async def use_once() -> None:
+        (await sc.SpdySession.open(url)).close()
+
+    run(use_once())
+    assert run(sc.spdy_exec(url)).status == 404  # single use
