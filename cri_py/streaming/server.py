@@ -196,7 +196,7 @@ class Connection:
         target = request.target.decode("ascii", "replace")
         path = target.split("?", 1)[0]
         parts = path.strip("/").split("/")
-        if request.method != b"GET" or len(parts) != 2 or parts[0] not in ("exec", "attach", "portforward"):
+        if request.method not in (b"GET", b"POST") or len(parts) != 2 or parts[0] not in ("exec", "attach", "portforward"):
             self.write(_http_response(404, "not found"))
             return
         kind, token = parts

@@ -49,7 +49,7 @@ async def _spdy_upgrade(url: str, protocols: list[str]):
     http = h11.Connection(h11.CLIENT)
     headers = [("Host", host), ("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1")]
     headers += [("X-Stream-Protocol-Version", p) for p in protocols]
-    writer.write(http.send(h11.Request(method="GET", target=target, headers=headers)))
+    writer.write(http.send(h11.Request(method="POST", target=target, headers=headers)))
     result = Result()
     while True:
         event = http.next_event()
