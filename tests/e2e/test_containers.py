@@ -12,7 +12,7 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2 as cri
 
-from tests.e2e.conftest import BUSYBOX, MIRRORS, wait_for
+from tests.e2e.conftest import BUSYBOX, MIRRORS, Pod, wait_for
 from tests.e2e.network import PodNetwork
 
 def test_lifecycle_exit_codes_reasons_and_logs(pod):

@@ -194,6 +194,9 @@ def lines_in(session: sc.Session) -> list[str]:
 
 def test_attach_sees_live_output_on_both_protocols_at_once(pod):
     ctr = pod.run("counter", COUNTER)
+    # output in the log means the shim's loop has run since start, so it has accepted
+    # the daemon's exit watcher: the fds counted now are the ones it keeps
+    wait_for(lambda: pod.log_lines("counter"), what="the first line in the log")
     fds = shim_fds(pod, ctr)
 
     async def both() -> tuple[list[str], list[str]]:
