@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 READ_SIZE = 1 << 16
 REQUEST_TIMEOUT = 30.0
 STREAM_WAIT_SECONDS = 30.0
+UPLOAD_HIGH_WATER = 1 << 20  # port-forward bytes a pod has not taken yet before the client waits
 EXEC_PROTOCOLS = ("v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io")
 PORTFORWARD_PROTOCOLS = ("portforward.k8s.io",)
 
@@ -274,10 +275,13 @@ async def _spdy_read_loop(
     handle: Callable[[spdy.Event], bool],
     trailing: bytes,
     what: str,
+    settle: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Feed the client's bytes to the SPDY codec and its events to `handle` until the
     client hangs up, `handle` says stop (False), or the client breaks the protocol
-    (then a GOAWAY goes out first)."""
+    (then a GOAWAY goes out first). `settle` runs before the next read: reading no
+    more until it returns is how a slow consumer holds back the client (TCP
+    backpressure, spdystream peers ignore SPDY windows)."""
     data = trailing
     while True:
         if data:
@@ -294,6 +298,8 @@ async def _spdy_read_loop(
                     return
             connection.write(conn.data_to_send())
             await connection.flush()
+            if settle is not None:
+                await settle()
         data = await connection.read()
         if not data:
             return
@@ -562,7 +568,14 @@ class SpdyPortForward:
         self.connection.write(self.conn.data_to_send())
 
     async def run(self, trailing: bytes) -> None:
-        await _spdy_read_loop(self.connection, self.conn, self.handle, trailing, "port-forward")
+        await _spdy_read_loop(self.connection, self.conn, self.handle, trailing, "port-forward", self.settle)
+
+    async def settle(self) -> None:
+        """Wait while a pod connection holds more upload than UPLOAD_HIGH_WATER."""
+        for writer in list(self.writers.values()):
+            if writer is not None and writer.transport.get_write_buffer_size() > UPLOAD_HIGH_WATER:
+                with contextlib.suppress(ConnectionError, OSError):
+                    await writer.drain()
 
     def handle(self, event: spdy.Event) -> bool:
         if isinstance(event, spdy.StreamOpened):
