@@ -32,7 +32,8 @@ from cri_py.metrics.cgroups import memory_cgroup_dir
 from cri_py.metrics.registry import log_bytes
 from cri_py.metrics.registry import oom_kills as oom_kills_total
 from cri_py.runtime import mount
-from cri_py.runtime.runc import ExecResult, Runc, exec_sync
+from cri_py.runtime.exec import ExecResult, exec_sync
+from cri_py.runtime.runc import Runc
 from cri_py.runtime.shim_client import AttachStream
 from cri_py.runtime.tasks import TaskManager, TaskSpec, TaskState
 from cri_py.sandbox.manager import SandboxManager
@@ -430,9 +431,8 @@ class ContainerManager:
         if not cmd:
             raise InvalidArgument("exec needs a command")
         container = self.running(container_id)
-        sandbox = self.sandboxes.get(container.sandbox_id)
         process = self.exec_process(container, cmd, tty=False)
-        return await exec_sync(self.runc_for(sandbox), container.id, process, timeout, self.exec_pid_file(container))
+        return await exec_sync(self.tasks.task_dir(container.id), process, timeout, self.exec_pid_file(container))
 
     def exec_process(self, container: Container, cmd: list[str], tty: bool) -> dict[str, Any]:
         """An exec'd process runs as the container's own (user, env, caps, seccomp), with `cmd`."""

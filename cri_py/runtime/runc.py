@@ -9,16 +9,13 @@ the command line, how it ended, and runc's own message. Every failure is a RuncE
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import tempfile
-from dataclasses import dataclass
 from typing import Any
 
 from cri_py import errors
-from cri_py.runtime.launch import shim_argv
 from cri_py.shim import runc as shim_runc
 from cri_py.shim.runc import RuncCommand
 
@@ -188,141 +185,3 @@ def _read_log_errors(path: str) -> str:
     except OSError:
         return ""
 
-
-EXEC_DRAIN_SECONDS = 1.0  # output a background child keeps writing after the command exits
-
-
-@dataclass
-class ExecResult:
-    """What an ExecSync returns: the exit code and everything the command printed."""
-
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
-    timed_out: bool = False
-
-
-async def _read_pipe(fd: int, sink: list[bytes]) -> None:
-    """Read a pipe to EOF into `sink` (owns and closes `fd`)."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0))
-    try:
-        while chunk := await reader.read(1 << 16):
-            sink.append(chunk)
-    finally:
-        transport.close()
-
-
-async def exec_sync(
-    runc: Runc, id: str, process: dict[str, Any], timeout: float | None, pid_file: str
-) -> ExecResult:
-    """`runc exec --process` with pipes, for probes and `crictl exec -s`.
-
-    The timeout is honoured by killing the exec'd process itself (its host pid comes
-    from --pid-file); killing runc alone would leave the process running. When the
-    command exits while a background child still holds its stdout, the output is
-    drained for a short while only, so a probe never hangs on a daemonized child.
-    The process runs detached under `execwait` (cri_py/shim/execwait.py), which
-    reaps it as a subreaper and reports its exit code: a plain `runc exec` would not
-    exit while a background child holds the output. The pipes are our own, not
-    asyncio's: on Python 3.11 `Process.wait()` waits for every pipe it made to close.
-    """
-    command = ExecCommand.prepare(runc, id, process, pid_file)
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    argv = command.argv(status_w)
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out_w, stderr=err_w, pass_fds=(status_w,)
-        )
-    except BaseException:
-        for pipe_fd in (out_r, err_r, status_r):
-            os.close(pipe_fd)
-        raise
-    finally:
-        for pipe_fd in (out_w, err_w, status_w):
-            os.close(pipe_fd)
-    out: list[bytes] = []
-    err: list[bytes] = []
-    status: list[bytes] = []
-    readers = [asyncio.ensure_future(_read_pipe(fd_, sink)) for fd_, sink in ((out_r, out), (err_r, err))]
-    status_reader = asyncio.ensure_future(_read_pipe(status_r, status))
-    timed_out = False
-    try:
-        try:
-            await asyncio.wait_for(proc.wait(), timeout if timeout and timeout > 0 else None)
-        except asyncio.TimeoutError:
-            timed_out = True
-            command.kill()
-            await proc.wait()
-        await status_reader
-        await asyncio.wait(readers, timeout=EXEC_DRAIN_SECONDS)
-    finally:
-        for reader in [*readers, status_reader]:
-            reader.cancel()
-        await asyncio.gather(*readers, status_reader, return_exceptions=True)
-        if proc.returncode is None:
-            command.kill()
-            proc.kill()
-            await proc.wait()
-        command.cleanup()
-    code = -1 if timed_out else command.exit_code(b"".join(status), b"".join(err))
-    return ExecResult(code, b"".join(out), b"".join(err), timed_out)
-
-
-@dataclass
-class ExecCommand:
-    """One `runc exec --detach` under execwait: its files, its command line, its outcome.
-
-    Shared by ExecSync and the streaming server's exec, which differ only in how
-    they connect the process's stdio.
-    """
-
-    runc_argv: list[str]
-    process_file: str
-    pid_file: str
-
-    @classmethod
-    def prepare(cls, runc: Runc, id: str, process: dict[str, Any], pid_file: str, *extra: str) -> "ExecCommand":
-        """Write the process spec next to the pid file; `extra` goes to runc exec (--tty ...)."""
-        fd, process_file = tempfile.mkstemp(prefix=".exec-", suffix=".json", dir=os.path.dirname(pid_file))
-        with os.fdopen(fd, "w") as fh:
-            json.dump(process, fh)
-        argv = runc.command.argv("exec", "--detach", *extra, "--process", process_file, "--pid-file", pid_file, id)
-        return cls(argv, process_file, pid_file)
-
-    def argv(self, status_fd: int) -> list[str]:
-        """execwait's command line; it reports the exit code as JSON on `status_fd`."""
-        return shim_argv("execwait", str(status_fd), self.pid_file, *self.runc_argv)
-
-    def exit_code(self, status: bytes, stderr: bytes) -> int:
-        """The exec'd process's exit code, or the RuncError runc's own failure earned."""
-        try:
-            outcome = json.loads(status or b"{}")
-        except ValueError:
-            outcome = {}
-        if "exit_code" not in outcome:
-            detail = stderr.decode(errors="replace").strip() or str(outcome or "execwait reported nothing")
-            raise error_for(self.runc_argv, outcome.get("runc_failed"), shim_runc.error_detail(detail.encode()))
-        return int(outcome["exit_code"])
-
-    def kill(self) -> None:
-        """SIGKILL the exec'd process (by its host pid, from runc's pid file)."""
-        kill_pid_file(self.pid_file)
-
-    def cleanup(self) -> None:
-        for path in (self.process_file, self.pid_file):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-
-
-def kill_pid_file(pid_file: str) -> None:
-    """SIGKILL the exec'd process named by runc's pid file, if it got that far."""
-    try:
-        with open(pid_file) as fh:
-            pid = int(fh.read().strip())
-        os.kill(pid, signal.SIGKILL)
-    except (OSError, ValueError):
-        pass

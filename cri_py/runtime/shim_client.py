@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from typing import Any
 
 from cri_py import errors
@@ -65,16 +66,46 @@ class ShimConnection:
         self, message: dict[str, Any], timeout: float | None = DEFAULT_TIMEOUT
     ) -> dict[str, Any]:
         """Send one request; its answer as sent (ok or not). ShimGone on hang-up."""
-        assert self._reader is not None and self._writer is not None
+        assert self._writer is not None
         try:
             self._writer.write(p.encode(message))
             await self._writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise ShimGone(f"{self.path}: {exc}") from None
+        try:
+            return await self.answer(str(message.get("op")), timeout)
+        except asyncio.TimeoutError:  # a shim that does not answer is as good as gone
+            raise ShimGone(f"{self.path}: no answer to {message.get('op')} in {timeout}s") from None
+
+    async def answer(self, op: str, timeout: float | None = DEFAULT_TIMEOUT) -> dict[str, Any]:
+        """The answer to the request sent last (ok or not). ShimGone on hang-up,
+        TimeoutError when none came in time (the request may still be answered)."""
+        assert self._reader is not None
+        try:
             line = await asyncio.wait_for(self._reader.readline(), timeout)
+        except asyncio.TimeoutError:
+            raise  # an OSError since 3.11, but the shim is there: it has not answered yet
         except (ConnectionError, OSError) as exc:
             raise ShimGone(f"{self.path}: {exc}") from None
         if not line.endswith(b"\n"):
-            raise ShimGone(f"{self.path}: the shim hung up before answering {message.get('op')}")
+            raise ShimGone(f"{self.path}: the shim hung up before answering {op}")
         return p.decode(line)
+
+    async def send_with_fds(self, message: dict[str, Any], fds: list[int]) -> None:
+        """Connect and send one request carrying `fds` (SCM_RIGHTS), which streams
+        cannot; the answer is read with answer(). Used instead of `async with`."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            with p.UnixPath(self.path) as usable:
+                await loop.sock_connect(sock, usable)
+            # a fresh connection's buffer is empty: this small message never blocks
+            socket.send_fds(sock, [p.encode(message)], fds)
+            self._reader, self._writer = await asyncio.open_unix_connection(sock=sock, limit=p.MAX_LINE)
+        except OSError as exc:
+            sock.close()
+            raise ShimGone(f"cannot send {message.get('op')} to {self.path}: {exc}") from None
 
     async def request(
         self, message: dict[str, Any], timeout: float | None = DEFAULT_TIMEOUT

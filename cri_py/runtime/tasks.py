@@ -202,6 +202,10 @@ class TaskManager:
         except ShimGone:
             raise errors.FailedPrecondition(f"task {id} has no running shim to reopen its log") from None
 
+    def task_dir(self, id: str) -> str:
+        """Where a known task's shim listens (exec goes straight to it)."""
+        return self._require(id).dir
+
     async def attach(
         self, id: str, *, stdin: bool, stdout: bool, stderr: bool
     ) -> shim_client.AttachStream:

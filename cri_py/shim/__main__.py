@@ -15,10 +15,6 @@ def main(argv: list[str]) -> int:
         from cri_py.shim import launcher
 
         return launcher.main(argv[1:])
-    if argv and argv[0] == "execwait":
-        from cri_py.shim import execwait
-
-        return execwait.main(argv[1:])
     if argv and argv[0] == "shim":
         argv = argv[1:]
     from cri_py.shim import shim

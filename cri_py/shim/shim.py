@@ -36,6 +36,7 @@ TYPE_CHECKING = False  # typing costs every shim memory; checkers know this name
 from cri_py.shim import protocol as p
 from cri_py.shim import linux, runc
 from cri_py.shim.attach import AttachHub
+from cri_py.shim.execs import ExecTable
 from cri_py.shim.linux import set_child_subreaper, set_process_name
 from cri_py.shim.logsink import STDERR, STDOUT, LogSink, make_sink
 
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from typing import Any, Callable
 
 READ_CHUNK = 65536
+FDS_SPACE = socket.CMSG_SPACE(4 * 4)  # room for the 3 stdio fds an exec request carries
 SEND_TIMEOUT = 5.0  # a client that does not read its tiny answer for this long is dropped
 REAP_GRACE = 5.0  # after `runc delete --force` the init must be a zombie within this
 PROCESS_NAME = "cri-py-shim"  # comm of every shim (forked shims would look like the launcher)
@@ -276,14 +278,30 @@ class EventLoop:
 class Conn:
     """One client connection: its line buffer and the requests waiting their turn."""
 
-    __slots__ = ("sock", "fd", "lines", "queue", "blocked")
+    __slots__ = ("sock", "fd", "lines", "queue", "blocked", "fds")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.lines = p.LineBuffer()
         self.queue: list[dict[str, Any]] = []
-        self.blocked = False  # a deferred request (wait/delete) is still unanswered
+        self.blocked = False  # a deferred request (wait/exec) is still unanswered
+        self.fds: list[int] = []  # received with SCM_RIGHTS, for the next exec request
+
+    def take_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
+        """Keep the fds a message carried (never inherited by what the shim spawns)."""
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                for i in range(0, len(payload) - len(payload) % 4, 4):
+                    fd = int.from_bytes(payload[i : i + 4], sys.byteorder)
+                    os.set_inheritable(fd, False)
+                    self.fds.append(fd)
+
+    def close_fds(self) -> None:
+        """Close received fds no request used."""
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
 
 
 class Shim:
@@ -298,6 +316,7 @@ class Shim:
         )
         self.loop = EventLoop()
         self.attached = AttachHub(self.loop, self.io, self.task.stdin_once, log)
+        self.execs = ExecTable(self.answer, log)
         self.conns: dict[int, Conn] = {}
         self.waiters: list[Conn] = []
         self.status = "creating"
@@ -317,6 +336,7 @@ class Shim:
             "shutdown": self.op_shutdown,
             "reopen_log": self.op_reopen_log,
             "attach": self.op_attach,
+            "exec": self.op_exec,
         }
 
     def path(self, name: str) -> str:
@@ -464,9 +484,11 @@ class Shim:
         if conn is None:
             return  # became an attach stream earlier in this round of events
         try:
-            data = conn.sock.recv(65536)
+            data, ancdata, _, _ = conn.sock.recvmsg(65536, FDS_SPACE)
         except OSError:
-            data = b""
+            data, ancdata = b"", []
+        if ancdata:
+            conn.take_fds(ancdata)
         if not data:
             self.drop(conn)
             return
@@ -503,7 +525,7 @@ class Shim:
     def answer(self, conn: Conn, reply: dict[str, Any]) -> None:
         """Answer a deferred request, then carry on with that client's queue."""
         conn.blocked = False
-        if conn.fd in self.conns:
+        if self.conns.get(conn.fd) is conn:  # not a later client that got the same fd
             self.send(conn, reply)
             self.pump_requests(conn)
 
@@ -520,8 +542,10 @@ class Shim:
             return
         self.loop.remove(conn.fd)
         conn.sock.close()
+        conn.close_fds()
         if conn in self.waiters:
             self.waiters.remove(conn)
+        self.execs.abandon(conn)
 
     def on_output(self, fd: int) -> None:
         """Container output is readable."""
@@ -540,11 +564,14 @@ class Shim:
             try:
                 pid, wait_status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
             if pid == self.init_pid and self.status != p.STOPPED:
                 self.init_exited(wait_status)
+            else:
+                self.execs.reaped(pid, wait_status)
+        self.execs.settle()
 
     def init_exited(self, wait_status: int | None) -> None:
         """Record the exit durably, flush output, then answer every waiter."""
@@ -648,6 +675,32 @@ class Shim:
             )
         self.running = False
         return p.ok()
+
+    def op_exec(self, conn: Conn, request: dict[str, Any]) -> dict[str, Any] | None:
+        """`runc exec --detach` with the stdio fds that came with the request; the
+        answer (exit_code, or runc_failed with runc's argv) comes when it is over."""
+        fds, conn.fds = conn.fds, []
+        try:
+            if self.status != p.RUNNING:
+                return p.error(p.FAILED_PRECONDITION, f"task {self.task.id} is {self.status}, not running")
+            if len(fds) != 3:
+                return p.error(p.INVALID_ARGUMENT, f"exec needs 3 stdio fds, got {len(fds)}")
+            console = str(request.get("console_socket") or "")
+            argv = self.task.runc.argv(
+                "exec", "--detach",
+                *(["--tty", "--console-socket", console] if console else []),
+                "--process", str(request["process_file"]),
+                "--pid-file", str(request["pid_file"]),
+                self.task.id,
+            )  # fmt: skip
+            try:
+                self.execs.start(conn, argv, fds, str(request["pid_file"]))
+            except OSError as exc:
+                return p.error(p.INTERNAL, f"cannot run {argv[0]}: {exc}")
+            return None
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def op_attach(self, conn: Conn, request: dict[str, Any]) -> dict[str, Any] | None:
         """Turn this connection into an attach stream (frames from now on)."""

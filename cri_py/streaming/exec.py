@@ -1,12 +1,12 @@
-"""Streaming exec: `runc exec --detach` under execwait, with live stdio.
+"""Streaming exec: the container's shim runs `runc exec --detach`, with live stdio.
 
-The same approach as `runtime.runc.exec_sync` (the process spec comes from the
-bundle's config.json with the args replaced; execwait reaps the process and reports
-its exit code on a status fd; the host pid comes from runc's --pid-file), but the
-output is forwarded chunk by chunk as it is produced, stdin is fed as it arrives and,
-for a tty, runc hands the pty master over a console socket (SCM_RIGHTS) and resize
-events become TIOCSWINSZ ioctls. Cancelling `run()` (the client went away) kills the
-exec'd process, so nothing outlives its session.
+The same recipe as `runtime.exec.exec_sync` (the process spec comes from the bundle's
+config.json with the args replaced; the shim reaps the process and answers with its
+exit code), but the output is forwarded chunk by chunk as it is produced, stdin is fed
+as it arrives and, for a tty, runc hands the pty master over a console socket
+(SCM_RIGHTS) and resize events become TIOCSWINSZ ioctls. Cancelling `run()` (the
+client went away) hangs up on the shim, which kills the exec'd process, so nothing
+outlives its session.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cri_py.errors import FailedPrecondition, InvalidArgument
-from cri_py.runtime.runc import ExecCommand, kill_pid_file
+from cri_py.runtime.exec import ExecCommand
+from cri_py.runtime.shim_client import ShimGone
 
 CHUNK = 1 << 15
 DRAIN_SECONDS = 1.0
@@ -45,27 +46,6 @@ async def _pipe_writer(fd: int) -> asyncio.StreamWriter:
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, os.fdopen(fd, "wb", 0))
     return asyncio.StreamWriter(transport, protocol, None, loop)
-
-
-async def _kill_exec(proc: asyncio.subprocess.Process, pid_file: str) -> None:
-    """The session ended early: kill the exec'd process by its host pid (waiting for
-    runc to write it if it has not yet), then let execwait reap it and exit."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while proc.returncode is None and loop.time() < deadline:
-        try:
-            with open(pid_file) as fh:
-                if fh.read().strip():
-                    break
-        except FileNotFoundError:
-            pass
-        await asyncio.sleep(0.05)
-    kill_pid_file(pid_file)
-    try:
-        await asyncio.wait_for(proc.wait(), 5)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
 
 
 class ExecProcess:
@@ -111,61 +91,48 @@ class ExecProcess:
 
     async def run(self) -> int:
         containers, container = self.containers, self.container
-        sandbox = containers.sandboxes.get(container.sandbox_id)
-        pid_file = containers.exec_pid_file(container)
-        extra: list[str] = []
+        command = ExecCommand.prepare(containers.exec_process(container, self.cmd, self.tty),
+                                      containers.exec_pid_file(container))
         console_path = ""
         listener = None
-        if self.tty:
-            console_path = os.path.join(tempfile.gettempdir(), f"cri-py-console-{secrets.token_hex(6)}.sock")
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(console_path)
-            listener.listen(1)
-            listener.setblocking(False)
-            extra = ["--tty", "--console-socket", console_path]
-        command = ExecCommand.prepare(
-            containers.runc_for(sandbox), container.id, containers.exec_process(container, self.cmd, self.tty),
-            pid_file, *extra,
-        )
         fds: list[int] = []  # our ends, closed in finally unless handed to a transport
-        child_fds: list[int] = []
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        fds += [err_r, status_r]
-        child_fds += [err_w, status_w]
-        stdin_arg: Any = asyncio.subprocess.DEVNULL
-        stdout_arg: Any = asyncio.subprocess.DEVNULL
-        in_w = out_r = None
-        if not self.tty:
-            if self.stdin:
-                in_r, in_w = os.pipe2(os.O_CLOEXEC)
-                fds.append(in_w)
-                child_fds.append(in_r)
-                stdin_arg = in_r
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            fds.append(out_r)
-            child_fds.append(out_w)
-            stdout_arg = out_w
-        argv = command.argv(status_w)
+        child_fds: list[int] = []  # the process's ends, closed once the shim has them
         tasks: list[asyncio.Task] = []
         transports: list[asyncio.BaseTransport] = []
-        proc = None
         try:
+            if self.tty:
+                console_path = os.path.join(tempfile.gettempdir(), f"cri-py-console-{secrets.token_hex(6)}.sock")
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listener.bind(console_path)
+                listener.listen(1)
+                listener.setblocking(False)
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            child_fds.append(null)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)  # runc's own errors and, without a tty, the process's
+            fds.append(err_r)
+            child_fds.append(err_w)
+            stdio = (null, null, err_w)
+            in_w = out_r = None
+            if not self.tty:
+                in_r = null
+                if self.stdin:
+                    in_r, in_w = os.pipe2(os.O_CLOEXEC)
+                    fds.append(in_w)
+                    child_fds.append(in_r)
+                out_r, out_w = os.pipe2(os.O_CLOEXEC)
+                fds.append(out_r)
+                child_fds.append(out_w)
+                stdio = (in_r, out_w, err_w)
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=stdin_arg, stdout=stdout_arg, stderr=err_w, pass_fds=(status_w,)
-                )
+                await command.start(containers.tasks.task_dir(container.id), stdio, console_path)
             finally:
                 for child_fd in child_fds:
                     os.close(child_fd)
-            status: list[bytes] = []
             err_sink: list[bytes] = []
-            # stderr of execwait is runc's stderr and (without a tty) the process's
-            status_task = asyncio.ensure_future(self._collect(status_r, status))
-            fds.remove(status_r)
-            tasks.append(status_task)
+            answer = asyncio.ensure_future(command.wait())
+            tasks.append(answer)
             if self.tty:
-                master = await self._receive_master(listener, proc)
+                master = await self._receive_master(listener, answer)
                 fds.append(master)
                 self._master = master
                 self._apply_size()
@@ -197,16 +164,16 @@ class ExecProcess:
                     transports.append(writer.transport)
                     tasks.append(asyncio.ensure_future(self._feed(writer, close_on_eof=True)))
             tasks += readers
-            await proc.wait()
-            await status_task
+            reply = await answer
             await asyncio.wait(readers, timeout=DRAIN_SECONDS)
-            return command.exit_code(b"".join(status), b"".join(err_sink))
+            return command.exit_code(reply, b"".join(err_sink))
+        except ShimGone as exc:
+            raise FailedPrecondition(f"the container's shim is gone: {exc}") from None
         finally:
-            if proc is not None and proc.returncode is None:
-                await asyncio.shield(_kill_exec(proc, pid_file))
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await command.close()  # before the answer: the shim kills the process
             for tr in transports:
                 tr.close()
             for fd_ in fds:
@@ -215,24 +182,22 @@ class ExecProcess:
             self._master = None
             if listener is not None:
                 listener.close()
-            command.cleanup()
             if console_path:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(console_path)
 
-    async def _receive_master(self, listener: socket.socket, proc: asyncio.subprocess.Process) -> int:
+    async def _receive_master(self, listener: socket.socket, answer: asyncio.Future[Any]) -> int:
+        """The pty master runc sends to the console socket (unless the exec fails first)."""
         loop = asyncio.get_running_loop()
         accept = asyncio.ensure_future(loop.sock_accept(listener))
-        exited = asyncio.ensure_future(proc.wait())
         try:
-            done, _ = await asyncio.wait({accept, exited}, timeout=CONSOLE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({accept, answer}, timeout=CONSOLE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
             if accept not in done:
                 raise FailedPrecondition("runc did not send the console")
             conn, _ = accept.result()
         finally:
-            for fut in (accept, exited):
-                fut.cancel()
-            await asyncio.gather(accept, exited, return_exceptions=True)
+            accept.cancel()
+            await asyncio.gather(accept, return_exceptions=True)
         with conn:
             conn.settimeout(CONSOLE_TIMEOUT)
             _, received, _, _ = await asyncio.to_thread(socket.recv_fds, conn, 4096, 1)
@@ -240,15 +205,6 @@ class ExecProcess:
             raise FailedPrecondition("runc sent no console fd")
         os.set_blocking(received[0], False)
         return received[0]
-
-    @staticmethod
-    async def _collect(fd: int, sink: list[bytes]) -> None:
-        reader, transport = await _pipe_reader(fd)
-        try:
-            while chunk := await reader.read(CHUNK):
-                sink.append(chunk)
-        finally:
-            transport.close()
 
     async def _forward(self, reader: asyncio.StreamReader, stream: int, sink: list[bytes] | None) -> None:
         """Copy one output to the client (stream 0: keep only, for runc's own errors)."""
