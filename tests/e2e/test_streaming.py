@@ -50,7 +50,7 @@ def test_exec_exit_code_and_stderr(pod, ctr):
     assert status["status"] == "Failure" and status["reason"] == "NonZeroExitCode"
     assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "3"}]
     result = run(sc.ws_exec(exec_url(pod, ctr, ["sh", "-c", "exit 3"])))
-    assert result.status_json["details"]["causes"][0]["message"] == "3"
+    assert result.status_json.get("details", {}).get("causes") == [{"reason": "ExitCode", "message": "3"}], result
     result = run(sc.spdy_exec(exec_url(pod, ctr, ["/no/such/binary"])))
     assert result.status_json["status"] == "Failure", result.error
 

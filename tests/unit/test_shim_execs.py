@@ -1,6 +1,7 @@
-"""The shim's exec table with real processes: a shell stands in for `runc exec --detach`
-(it starts the command in the background, writes its pid and exits), and a child
-subreaper process plays the shim, so the orphans come back to it as they would."""
+"""The shim's exec table with real processes: a small Python program stands in for
+`runc exec --detach` (it starts the command, writes its pid and exits without ever
+reaping it, as runc does), and a child subreaper process plays the shim, so the
+orphans come back to it as they would."""
 
 from __future__ import annotations
 
@@ -11,7 +12,24 @@ import textwrap
 
 import pytest
 
-HARNESS = textwrap.dedent(
+# argv: COMMAND PID_FILE [exit status instead of starting anything]; never waits
+FAKE_RUNC = textwrap.dedent(
+    """
+    import os, sys, time
+    command, pid_file = sys.argv[1], sys.argv[2]
+    if command.startswith("fail:"):
+        os._exit(int(command[5:]))
+    pid = os.posix_spawnp("sh", ["sh", "-c", command], os.environ)
+    if command.startswith("exit"):
+        time.sleep(0.2)  # the command is a zombie child of ours before we exit
+    if command != "nopid":
+        with open(pid_file, "w") as fh:
+            fh.write(str(pid))
+    os._exit(0)
+    """
+)
+
+HARNESS = "FAKE_RUNC = " + repr(FAKE_RUNC) + "\n" + textwrap.dedent(
     """
     import json, os, sys, time
     from cri_py.shim.execs import ExecTable
@@ -24,7 +42,7 @@ HARNESS = textwrap.dedent(
     table = ExecTable(lambda conn, msg: answers.append(msg), logged.append)
     null = os.open(os.devnull, os.O_RDWR)
     conn = object()
-    table.start(conn, ["sh", "-c", script.replace("PIDFILE", pid_file)], [null, null, null], pid_file)
+    table.start(conn, [sys.executable, "-c", FAKE_RUNC, script, pid_file], [null, null, null], pid_file)
     if abandon:
         table.abandon(conn)
     deadline = time.monotonic() + 20
@@ -47,29 +65,29 @@ def run(script: str, tmp_path, mode: str = "wait") -> dict:
     return json.loads(out.stdout)
 
 
-@pytest.mark.parametrize("delay", ["", "sleep 0.2;"])
-def test_exit_code_whichever_is_reaped_first(tmp_path, delay):
-    # with no delay the command usually exits before "runc"; with one, after it
-    result = run(f"({delay} exit 7) & echo $! > PIDFILE", tmp_path)
+@pytest.mark.parametrize("command", ["exit 7", "sleep 0.3; exit 7"])
+def test_exit_code_whichever_is_reaped_first(tmp_path, command):
+    # the first exits before "runc" does; the second after it
+    result = run(command, tmp_path)
     assert result == {"answers": [{"ok": True, "exit_code": 7}], "left": 0, "unclaimed": 0, "logged": []}
 
 
 def test_killed_by_a_signal_reads_as_128_plus_n(tmp_path):
-    result = run("sh -c 'kill -TERM $$' & echo $! > PIDFILE", tmp_path)
+    result = run("kill -TERM $$", tmp_path)
     assert result["answers"] == [{"ok": True, "exit_code": 143}]
 
 
 def test_runc_failure_is_reported_with_its_argv(tmp_path):
-    result = run("exit 3", tmp_path)
+    result = run("fail:3", tmp_path)
     [answer] = result["answers"]
-    assert answer["runc_failed"] == 3 and answer["argv"][:2] == ["sh", "-c"]
+    assert answer["runc_failed"] == 3 and answer["argv"][-2:] == ["fail:3", str(tmp_path / "exec.pid")]
 
 
 def test_no_pid_file_is_an_error(tmp_path):
-    [answer] = run("true", tmp_path)["answers"]
+    [answer] = run("nopid", tmp_path)["answers"]
     assert answer["ok"] is False and "no pid" in answer["error"]
 
 
 def test_a_client_that_left_gets_its_process_killed(tmp_path):
-    result = run("sleep 30 & echo $! > PIDFILE", tmp_path, "abandon")
+    result = run("sleep 30", tmp_path, "abandon")
     assert result["answers"] == [] and result["left"] == 0  # killed and reaped, well before 30 s
