@@ -18,7 +18,7 @@ from typing import Any
 from cri_py.errors import Internal
 from cri_py.runtime.shim_client import AttachStream, ShimGone
 from cri_py.shim import protocol as p
-from cri_py.streaming.exec import OutputFn
+from cri_py.streaming.exec import InputQueue, OutputFn
 
 
 class AttachProcess:
@@ -31,21 +31,21 @@ class AttachProcess:
         self.stdout = stdout
         self.stderr = stderr
         self.output = output
-        self._to_shim: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        self.input = InputQueue()  # (frame kind, payload) for the shim
 
     # -- input from the client --
 
     def write_stdin(self, data: bytes) -> None:
         if self.stdin and data:
-            self._to_shim.put_nowait((p.ATTACH_STDIN, data))
+            self.input.put((p.ATTACH_STDIN, data), len(data))
 
     def close_stdin(self) -> None:
         if self.stdin:
-            self._to_shim.put_nowait((p.ATTACH_CLOSE_STDIN, b""))
+            self.input.put((p.ATTACH_CLOSE_STDIN, b""))
 
     def resize(self, width: int, height: int) -> None:
         if 0 < width < 65536 and 0 < height < 65536:
-            self._to_shim.put_nowait((p.ATTACH_RESIZE, width.to_bytes(2, "big") + height.to_bytes(2, "big")))
+            self.input.put((p.ATTACH_RESIZE, width.to_bytes(2, "big") + height.to_bytes(2, "big")))
 
     # -- the session --
 
@@ -70,6 +70,10 @@ class AttachProcess:
 
     async def _send(self, stream: AttachStream) -> None:
         """Client input, in order, at the pace the shim takes it."""
-        while True:
-            kind, payload = await self._to_shim.get()
-            await stream.send(kind, payload)
+        try:
+            while True:
+                kind, payload = await self.input.get()
+                await stream.send(kind, payload)
+                self.input.taken(len(payload) if kind == p.ATTACH_STDIN else 0)
+        finally:
+            self.input.close()

@@ -32,6 +32,51 @@ DRAIN_SECONDS = 1.0
 CONSOLE_TIMEOUT = 10.0
 
 OutputFn = Callable[[int, bytes], Awaitable[None]]  # (1 stdout | 2 stderr, data)
+INPUT_HIGH_WATER = 1 << 20  # client input not yet taken by the process before the client waits
+
+
+class InputQueue:
+    """Client input on its way to a process (stdin, resizes), bounded in bytes.
+
+    The connection's read loop puts without waiting (it must keep handling the
+    client's other frames) and then waits for `room()` before reading more, so a
+    process that does not read its stdin holds back the client through TCP instead of
+    growing the daemon. Once the consumer is gone, `close()` drops further input and
+    never blocks the reader again (it must still see the client hang up).
+    """
+
+    def __init__(self, high_water: int = INPUT_HIGH_WATER) -> None:
+        self._queue: asyncio.Queue[tuple[Any, int]] = asyncio.Queue()
+        self._bytes = 0
+        self._high_water = high_water
+        self._room = asyncio.Event()
+        self._room.set()
+        self._closed = False
+
+    def put(self, item: Any, size: int = 0) -> None:
+        if self._closed:
+            return
+        self._queue.put_nowait((item, size))
+        self._bytes += size
+        if self._bytes >= self._high_water:
+            self._room.clear()
+
+    async def get(self) -> Any:
+        """The next item; call taken() with its size once it has been delivered."""
+        item, _ = await self._queue.get()
+        return item
+
+    def taken(self, size: int) -> None:
+        self._bytes -= size
+        if self._bytes < self._high_water:
+            self._room.set()
+
+    async def room(self) -> None:
+        await self._room.wait()
+
+    def close(self) -> None:
+        self._closed = True
+        self._room.set()
 
 
 async def _pipe_reader(fd_or_file: Any) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
@@ -62,7 +107,7 @@ class ExecProcess:
         self.tty = tty
         self.stdin = stdin
         self.output = output
-        self._stdin_queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.input = InputQueue()  # stdin chunks; None for its end
         self._master: int | None = None
         self._size: tuple[int, int] | None = None  # (rows, cols) waiting for the pty
 
@@ -70,10 +115,10 @@ class ExecProcess:
 
     def write_stdin(self, data: bytes) -> None:
         if self.stdin and data:
-            self._stdin_queue.put_nowait(data)
+            self.input.put(data, len(data))
 
     def close_stdin(self) -> None:
-        self._stdin_queue.put_nowait(None)
+        self.input.put(None)
 
     def resize(self, width: int, height: int) -> None:
         self._size = (height, width)
@@ -219,9 +264,10 @@ class ExecProcess:
 
     async def _feed(self, writer: asyncio.StreamWriter, close_on_eof: bool) -> None:
         try:
-            while (data := await self._stdin_queue.get()) is not None:
+            while (data := await self.input.get()) is not None:
                 writer.write(data)
                 await writer.drain()
+                self.input.taken(len(data))
             if close_on_eof:
                 writer.close()
             elif self.tty:
@@ -229,3 +275,5 @@ class ExecProcess:
                 await writer.drain()
         except (OSError, ConnectionError):
             pass
+        finally:
+            self.input.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -23,7 +24,7 @@ import h11
 from cri_py.config import StreamingConfig
 from cri_py.streaming import channels, spdy
 from cri_py.streaming.attach import AttachProcess
-from cri_py.streaming.exec import ExecProcess
+from cri_py.streaming.exec import INPUT_HIGH_WATER, ExecProcess
 from cri_py.streaming.portforward import connect as pf_connect
 from cri_py.streaming.tokens import StreamRequest, TokenCache
 
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 READ_SIZE = 1 << 16
 REQUEST_TIMEOUT = 30.0
 STREAM_WAIT_SECONDS = 30.0
+PEER_CHECK_SECONDS = 1.0  # how often a client whose input is held back is checked for a hang-up
+TCP_ESTABLISHED = 1  # tcpi_state in struct tcp_info
 UPLOAD_HIGH_WATER = 1 << 20  # port-forward bytes a pod has not taken yet before the client waits
 EXEC_PROTOCOLS = ("v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io")
 PORTFORWARD_PROTOCOLS = ("portforward.k8s.io",)
@@ -150,6 +153,38 @@ class Connection:
                 return b""
             self.last_activity = time.monotonic()
             return data
+
+    def peer_gone(self) -> bool:
+        """The client has reset or closed the connection although we have not read all
+        it sent (TCP state past ESTABLISHED). A FIN travels behind the data, so a
+        client that left with input still unsent shows here once its kernel resets
+        the connection; one that left with output unread resets it at once."""
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:
+            return self.writer.is_closing()
+        try:
+            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        except OSError:
+            return True
+        return state != TCP_ESTABLISHED
+
+    async def wait_while_connected(self, wait: Callable[[], Awaitable[None]]) -> bool:
+        """Await `wait()` (room for more input) while watching the client: we are not
+        reading it meanwhile, so its hang-up cannot show as EOF. False if it left."""
+        task = asyncio.ensure_future(wait())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=PEER_CHECK_SECONDS)
+                if done:
+                    task.result()
+                    return True
+                if self.peer_gone():
+                    log.info("streaming client went away while its input was held back")
+                    return False
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -280,8 +315,8 @@ async def _spdy_read_loop(
     """Feed the client's bytes to the SPDY codec and its events to `handle` until the
     client hangs up, `handle` says stop (False), or the client breaks the protocol
     (then a GOAWAY goes out first). `settle` runs before the next read: reading no
-    more until it returns is how a slow consumer holds back the client (TCP
-    backpressure, spdystream peers ignore SPDY windows)."""
+    more until it returns is how a slow consumer of the client's input holds back the
+    client (TCP backpressure; spdystream peers ignore SPDY windows)."""
     data = trailing
     while True:
         if data:
@@ -296,10 +331,11 @@ async def _spdy_read_loop(
                 if handle(event) is False:
                     connection.write(conn.data_to_send())
                     return
+            # replies and pings go out without waiting for the client to read: a client
+            # that writes all its input before reading its output must not deadlock us
             connection.write(conn.data_to_send())
-            await connection.flush()
-            if settle is not None:
-                await settle()
+            if settle is not None and not await connection.wait_while_connected(settle):
+                return
         data = await connection.read()
         if not data:
             return
@@ -335,6 +371,18 @@ class _ExecSession:
     async def _output(self, stream: int, data: bytes) -> None:
         if (stream == 1 and self.req.stdout) or (stream == 2 and self.req.stderr):
             await self.send_output(stream, data)
+
+    async def input_room(self) -> None:
+        """Before reading more from the client: until the process has taken enough
+        of its input (the read loop's `settle`)."""
+        if self.process is None and self.pending_bytes() >= INPUT_HIGH_WATER:
+            await self.ready.wait()
+        if self.process is not None:
+            await self.process.input.room()
+
+    def pending_bytes(self) -> int:
+        """Input held until the process exists."""
+        return 0
 
     async def execute(self) -> tuple[int | None, str]:
         """(exit code, error message)."""
@@ -444,7 +492,10 @@ class SpdyExec(_ExecSession):
             self.pending_stdin.append(data)
 
     async def read_loop(self, trailing: bytes) -> None:
-        await _spdy_read_loop(self.connection, self.conn, self.handle, trailing, "exec")
+        await _spdy_read_loop(self.connection, self.conn, self.handle, trailing, self.req.kind, self.input_room)
+
+    def pending_bytes(self) -> int:
+        return sum(len(item) for item in self.pending_stdin if item)
 
     def handle(self, event: spdy.Event) -> bool:
         if isinstance(event, spdy.StreamOpened):
@@ -525,6 +576,9 @@ class WsExec(_ExecSession):
         elif isinstance(event, channels.Resize):
             process.resize(event.width, event.height)
 
+    def pending_bytes(self) -> int:
+        return sum(len(e.payload) for e in self.pending if isinstance(e, channels.ChannelData))
+
     async def read_loop(self, trailing: bytes) -> None:
         data = trailing
         while True:
@@ -534,8 +588,9 @@ class WsExec(_ExecSession):
                         self.connection.write(self.codec.data_to_send())
                         return
                     self.apply(event)
-                self.connection.write(self.codec.data_to_send())
-                await self.connection.flush()
+                self.connection.write(self.codec.data_to_send())  # never waits: see _spdy_read_loop
+                if not await self.connection.wait_while_connected(self.input_room):
+                    return
             data = await self.connection.read()
             if not data:
                 self.codec.receive_data(None)
@@ -718,8 +773,7 @@ class WsPortForward:
                         if writer is not None and writer.can_write_eof():
                             with contextlib.suppress(OSError):
                                 writer.write_eof()
-                self.connection.write(self.codec.data_to_send())
-                await self.connection.flush()
+                self.connection.write(self.codec.data_to_send())  # never waits: see _spdy_read_loop
             data = await self.connection.read()
             if not data:
                 self.codec.receive_data(None)

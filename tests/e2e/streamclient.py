@@ -79,8 +79,6 @@ async def spdy_exec(
     tty: bool = False,
     resize: tuple[int, int] | None = None,
     protocols: list[str] | None = None,
-    disconnect_after: float | None = None,
-    before_disconnect=None,
     close_stdin: bool = True,
 ) -> Result:
     """One exec over SPDY; stdin (if given) is sent after the streams and resize."""
@@ -106,17 +104,10 @@ async def spdy_exec(
     if resize is not None:
         conn.data(ids["resize"], json.dumps({"Width": resize[0], "Height": resize[1]}).encode())
     writer.write(conn.data_to_send())
-    if stdin is not None:
-        await asyncio.sleep(0.3)  # let the resize reach the pty first
+    if stdin is not None:  # after the resize: the server keeps the order of the two
         conn.data(ids["stdin"], stdin, fin=close_stdin)
         writer.write(conn.data_to_send())
     await writer.drain()
-    if disconnect_after is not None:
-        await asyncio.sleep(disconnect_after)
-        if before_disconnect is not None:
-            await asyncio.to_thread(before_disconnect)
-        writer.close()
-        return result
     names = {v: k for k, v in ids.items()}
     sinks = {"stdout": bytearray(), "stderr": bytearray(), "error": bytearray()}
     waiting = {k for k in ("stdout", "stderr", "error") if k in ids}

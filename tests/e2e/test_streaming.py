@@ -104,21 +104,22 @@ def _sleepers(pod: Pod, ctr: str) -> list[str]:
     return [line for line in out.splitlines() if line.split(None, 1)[-1] == "sleep 1000"]
 
 
-def test_client_disconnect_kills_the_process(pod, ctr):
-    for client in ("spdy", "ws"):
-        url = exec_url(pod, ctr, ["sleep", "1000"])
-        if client == "spdy":
-            seen = lambda: wait_for(lambda: _sleepers(pod, ctr), timeout=10, what="the exec'd sleep")  # noqa: E731
-            run(sc.spdy_exec(url, disconnect_after=0.5, before_disconnect=seen))
-        else:
-            async def drop() -> None:
-                result, reader, writer, ws = await sc._ws_upgrade(url, ["v4.channel.k8s.io"])
-                await asyncio.sleep(1.0)
-                wait_for(lambda: _sleepers(pod, ctr), timeout=10, what="the exec'd sleep")
-                writer.close()
+def daemon_fds(pod: Pod) -> int:
+    return len(os.listdir(f"/proc/{pod.server.proc.pid}/fd"))
 
-            run(drop())
+
+def test_client_disconnect_kills_the_process(pod, ctr):
+    baseline = daemon_fds(pod)
+    for session_class in (sc.SpdySession, sc.WsSession):
+        async def open_and_drop() -> None:
+            session = await session_class.open(exec_url(pod, ctr, ["sleep", "1000"]))
+            await asyncio.to_thread(wait_for, lambda: _sleepers(pod, ctr), 10, 0.05, "the exec'd sleep")
+            session.close()
+
+        run(open_and_drop())
         wait_for(lambda: not _sleepers(pod, ctr), timeout=15, what="the exec'd sleep to be killed")
+    # the connections, pipes and shim connections of both sessions are closed too
+    wait_for(lambda: daemon_fds(pod) <= baseline, what=f"the daemon back to {baseline} fds")
 
 
 def test_portforward_httpd_both_protocols(pod):
@@ -198,6 +199,7 @@ def test_attach_sees_live_output_on_both_protocols_at_once(pod):
     # the daemon's exit watcher: the fds counted now are the ones it keeps
     wait_for(lambda: pod.log_lines("counter"), what="the first line in the log")
     fds = shim_fds(pod, ctr)
+    baseline = daemon_fds(pod)
 
     async def both() -> tuple[list[str], list[str]]:
         spdy_s = await sc.SpdySession.open(attach_url(pod, ctr))
@@ -218,6 +220,7 @@ def test_attach_sees_live_output_on_both_protocols_at_once(pod):
     # the log is still written while clients are attached
     wait_for(lambda: set(seen_spdy) <= set(pod.log_lines("counter")), what="attached lines in the log")
     wait_for(lambda: shim_fds(pod, ctr) == fds, what="the shim to release the attach connections")
+    wait_for(lambda: daemon_fds(pod) <= baseline, what="the daemon to release the attach connections")
     assert pod.status(ctr).status.state == cri.CONTAINER_RUNNING
 
 
@@ -301,3 +304,36 @@ def test_attach_ends_when_the_container_exits_and_validates(pod):
 
     run(use_once())
     assert run(sc.spdy_exec(url)).status == 404  # single use
+
+
+def daemon_rss(pod: Pod) -> int:
+    status = open(f"/proc/{pod.server.proc.pid}/status").read()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+
+
+def test_stdin_the_process_does_not_read_holds_back_the_client(pod, ctr):
+    """64 MiB for a process that never reads stdin: the daemon stops reading the client
+    (its write stalls) instead of buffering it all, and the session still ends with
+    the process."""
+    rss, fds = daemon_rss(pod), daemon_fds(pod)
+
+    async def push() -> tuple[bool, int, sc.Result]:
+        session = await sc.SpdySession.open(exec_url(pod, ctr, ["sleep", "6"], stdin=True), stdin=True)
+        try:
+            session.send(b"z" * (64 << 20))
+            try:
+                await asyncio.wait_for(session.writer.drain(), 2)
+                blocked = False
+            except asyncio.TimeoutError:
+                blocked = True  # the server stopped taking our input
+            grown = daemon_rss(pod) - rss
+            await session.read_until(lambda s: s.done)
+            return blocked, grown, session.outcome()
+        finally:
+            session.writer.transport.abort()  # close() would first try to send it all
+
+    blocked, grown, result = run(push())
+    assert blocked, "the daemon took 64 MiB of stdin the process never read"
+    assert grown < 32 << 20, f"the daemon grew by {grown >> 20} MiB"
+    assert result.status_json == SUCCESS, result
+    wait_for(lambda: daemon_fds(pod) <= fds, what=f"the daemon back to {fds} fds")
