@@ -32,8 +32,14 @@ class ShimGone(Exception):
 
 def error_for(reply: dict[str, Any]) -> errors.CriError:
     """The domain error a failed answer stands for."""
+    message = str(reply.get("error") or "shim reported an unspecified error")
+    if reply.get("kind") == p.INVALID_ARGUMENT and message.startswith("unknown op"):
+        # a shim started by an older cri-py (it outlives daemon upgrades)
+        return errors.FailedPrecondition(
+            f"the container's shim predates this cri-py ({message}); restart the container for a current shim"
+        )
     cls = _KIND_ERRORS.get(str(reply.get("kind")), errors.Internal)
-    return cls(str(reply.get("error") or "shim reported an unspecified error"))
+    return cls(message)
 
 
 class ShimConnection:

@@ -186,3 +186,13 @@ def test_shim_modules_import_only_the_standard_library():
     )
     out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_error_kinds_map_to_domain_errors_and_an_old_shim_says_so():
+    from cri_py import errors
+    from cri_py.runtime.shim_client import error_for
+
+    assert isinstance(error_for(p.error(p.NOT_FOUND, "gone")), errors.NotFound)
+    assert isinstance(error_for(p.error(p.INVALID_ARGUMENT, "bad signal")), errors.InvalidArgument)
+    old = error_for(p.error(p.INVALID_ARGUMENT, "unknown op 'exec'"))
+    assert isinstance(old, errors.FailedPrecondition) and "restart the container" in str(old)
