@@ -57,6 +57,8 @@ class CniConfig:
 
     conf_dir: str = "/etc/cni/net.d"
     bin_dirs: list[str] = field(default_factory=lambda: ["/opt/cni/bin", "/usr/lib/cni"])
+    # rendered into <conf_dir>/10-cri-py.conflist with the kubelet's pod CIDRs (UpdateRuntimeConfig)
+    conf_template: str = ""
 
 
 @dataclass
@@ -178,6 +180,8 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"streaming.port: {cfg.streaming.port} is not a TCP port")
     if cfg.metrics.address and not _is_host_port(cfg.metrics.address):
         raise ConfigError(f"metrics.address: {cfg.metrics.address!r} is not HOST:PORT")
+    if cfg.cni.conf_template and not os.path.isabs(cfg.cni.conf_template):
+        raise ConfigError(f"cni.conf_template: {cfg.cni.conf_template!r} must be an absolute path")
     if bool(cfg.streaming.tls_cert_file) != bool(cfg.streaming.tls_key_file):
         raise ConfigError("streaming.tls_cert_file: a TLS certificate needs tls_key_file as well")
     if cfg.runtime.default_handler not in cfg.runtime.handlers:

@@ -31,6 +31,7 @@ from cri_py.metrics.stats import ContainerSample, PodSample, StatsCollector
 from cri_py.sandbox import cri as sandbox_cri
 from cri_py.sandbox.manager import SandboxManager
 from cri_py.sandbox.model import READY, Sandbox
+from cri_py.network.podcidr import PodCidrs
 from cri_py.streaming.server import StreamingServer
 from cri_py.streaming.tokens import StreamRequest
 from cri_py.errors import FailedPrecondition, InvalidArgument
@@ -96,6 +97,7 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
         self.config = config
         self.streaming = streaming
         self.health = health
+        self.pod_cidrs = PodCidrs(config.root, config.cni.conf_dir, config.cni.conf_template)
         self.sandboxes = sandboxes
         self.containers = containers
         self.stats = StatsCollector()
@@ -129,7 +131,14 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
         )
         if request.verbose:
             response.info["config"] = json.dumps(self.config.to_dict())
+            response.info["podCIDRs"] = json.dumps(self.pod_cidrs.cidrs)
         return response
+
+    async def UpdateRuntimeConfig(
+        self, request: cri.UpdateRuntimeConfigRequest, context: grpc.aio.ServicerContext
+    ) -> cri.UpdateRuntimeConfigResponse:
+        self.pod_cidrs.update(request.runtime_config.network_config.pod_cidr)
+        return cri.UpdateRuntimeConfigResponse()
 
     async def RuntimeConfig(
         self, request: cri.RuntimeConfigRequest, context: grpc.aio.ServicerContext

@@ -65,6 +65,7 @@ class ServerProcess:
     extra_config: str = ""
     metrics: bool = True
     cni_bin_dirs: list[str] | None = None
+    cni_conf_template: str = ""
     proc: subprocess.Popen | None = None
     metrics_port: int = field(default_factory=free_port)
 
@@ -94,6 +95,7 @@ class ServerProcess:
             f'[streaming]\nport = {free_port()}\n'
             f'[cni]\nconf_dir = "{self.conf_dir}"\n'
             + (f"bin_dirs = {json.dumps(self.cni_bin_dirs)}\n" if self.cni_bin_dirs else "")
+            + (f'conf_template = "{self.cni_conf_template}"\n' if self.cni_conf_template else "")
             + '[log]\nlevel = "debug"\n'
             + self.extra_config
         )

@@ -22,6 +22,7 @@ IMPLEMENTED = {
     "RuntimeService/Version",
     "RuntimeService/Status",
     "RuntimeService/RuntimeConfig",
+    "RuntimeService/UpdateRuntimeConfig",
     "ImageService/PullImage",
     "ImageService/ListImages",
     "ImageService/ImageStatus",
@@ -145,7 +146,7 @@ def test_every_unbuilt_rpc_answers_unimplemented(server):
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, full
         assert method.name in err.value.details()
         checked += 1
-    assert checked >= 3
+    assert checked >= 1  # UpdatePodSandboxResources and CheckpointContainer today
 
 
 def test_sigterm_exits_zero_and_releases_the_socket(server_factory):

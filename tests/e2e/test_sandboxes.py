@@ -314,3 +314,49 @@ def test_daemon_killed_mid_creation_cleans_up_on_start(server_factory, local_reg
         _assert_nothing_left(server, net)
     finally:
         _remove_all(server)
+
+
+def _network_ready(server) -> bool:
+    conditions = server.runtime().Status(cri.StatusRequest()).status.conditions
+    return next(c.status for c in conditions if c.type == "NetworkReady")
+
+
+def _update_pod_cidr(server, cidr: str) -> None:
+    config = cri.RuntimeConfig(network_config=cri.NetworkConfig(pod_cidr=cidr))
+    server.runtime().UpdateRuntimeConfig(cri.UpdateRuntimeConfigRequest(runtime_config=config))
+
+
+def test_pod_cidr_from_the_kubelet_renders_the_network(server_factory, local_registry, net, tmp_path):
+    """UpdateRuntimeConfig with a conf template: the pod network appears with the
+    node's CIDR, pods get addresses from it, and the CIDR is remembered."""
+    template = tmp_path / "cni-template.json"
+    template.write_text(
+        '{"cniVersion": "1.0.0", "name": "%s", "plugins": [{"type": "bridge", "bridge": "%s", '
+        '"isGateway": true, "ipMasq": false, "ipam": {"type": "host-local", "ranges": ${POD_CIDR_RANGES}, '
+        '"routes": ${ROUTES}, "dataDir": "%s"}}]}' % (net.name, net.bridge, net.ipam_dir)
+    )
+    server = server_factory(MIRRORS + net.server_config(), start=False)
+    server.cni_conf_template = str(template)
+    net.attach(server)
+    server.start()
+    try:
+        assert not _network_ready(server)
+        for bad in ("10.0.0.0/40", "zzz"):
+            with pytest.raises(grpc.RpcError) as err:
+                _update_pod_cidr(server, bad)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert not os.listdir(server.conf_dir) and not _network_ready(server)
+        _update_pod_cidr(server, "")  # what the kubelet sends before the node has a CIDR
+        assert not os.listdir(server.conf_dir)
+        _update_pod_cidr(server, str(net.subnet))
+        wait_for(lambda: _network_ready(server), what="NetworkReady from the rendered config")
+        sandbox_id = run(server, pod_config("cidr"))
+        assert net.contains(status(server, sandbox_id).status.network.ip)
+        info = server.runtime().Status(cri.StatusRequest(verbose=True)).info
+        assert json.loads(info["podCIDRs"]) == [str(net.subnet)]
+        server.terminate()
+        server.start()  # the kubelet only calls again on a change: the CIDR must survive a restart
+        info = server.runtime().Status(cri.StatusRequest(verbose=True)).info
+        assert json.loads(info["podCIDRs"]) == [str(net.subnet)]
+    finally:
+        _remove_all(server)
