@@ -22,6 +22,7 @@ from typing import Any
 import h11
 
 from cri_py.config import StreamingConfig
+from cri_py.errors import CriError
 from cri_py.streaming import channels, spdy
 from cri_py.streaming.attach import AttachProcess
 from cri_py.streaming.exec import INPUT_HIGH_WATER, ExecProcess
@@ -402,8 +403,12 @@ class _ExecSession:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported to the client
-            log.info("%s %s in %s failed: %s", req.kind, req.cmd, req.id[:12], exc)
-            return None, str(exc)
+            if isinstance(exc, CriError):
+                log.info("%s %s in %s failed: %s", req.kind, req.cmd, req.id[:12], exc)
+            else:  # not an expected failure: keep the traceback
+                log.warning("%s %s in %s failed", req.kind, req.cmd, req.id[:12], exc_info=True)
+            # never an empty message: with no exit code that would read as Success
+            return None, str(exc) or repr(exc)
 
 
 class SpdyExec(_ExecSession):
