@@ -76,7 +76,8 @@ class AttachHub:
         kinds = {k for k, wanted in ((p.ATTACH_STDOUT, stdout), (p.ATTACH_STDERR, stderr)) if wanted}
         if self.io.tty:
             kinds = {p.ATTACH_STDOUT} if kinds else set()  # a terminal has one output
-        client = Attacher(sock, kinds, stdin and self.io.stdin_fd >= 0)
+        # a container created without stdin takes none, even through its pty
+        client = Attacher(sock, kinds, stdin and self.io.want_stdin and self.io.stdin_fd >= 0)
         self.clients[client.fd] = client
         self.loop.add(client.fd, self.on_readable)
         if len(self.stdin_pending) >= STDIN_LIMIT:

@@ -708,7 +708,7 @@ class Shim:
             return p.error(p.FAILED_PRECONDITION, f"task {self.task.id} is {self.status}, not running")
         if conn.queue or conn.lines.pending:
             return p.error(p.INVALID_ARGUMENT, "attach must be the last request on its connection")
-        self.send(conn, p.ok(tty=self.task.tty, stdin=self.io.stdin_fd >= 0))
+        self.send(conn, p.ok(tty=self.task.tty, stdin=self.task.stdin and self.io.stdin_fd >= 0))
         if self.conns.pop(conn.fd, None) is None:
             return None  # the client went away while we answered
         self.loop.remove(conn.fd)

@@ -203,3 +203,18 @@ def test_client_hangup_is_forgotten(rig):
     client.close()
     r.run()
     assert r.hub.clients == {} and r.io.tap is None and r.loop.masks == {}
+
+
+def test_a_tty_container_created_without_stdin_takes_none(rig):
+    r = rig(stdin=False, tty=True)
+    master_r, master_w = os.pipe()  # stands in for the pty master the shim would hold
+    r.io.stdin_fd = master_w
+    try:
+        client = r.client(stdin=True)
+        client.sendall(p.frame(p.ATTACH_STDIN, b"rm -rf /\n"))
+        r.run()
+        os.set_blocking(master_r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(master_r, 100)
+    finally:
+        os.close(master_r)
