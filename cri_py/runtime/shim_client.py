@@ -88,8 +88,9 @@ class ShimConnection:
         TimeoutError when none came in time (the request may still be answered)."""
         assert self._reader is not None
         try:
-            line = await asyncio.wait_for(self._reader.readline(), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):  # wait_for (3.11) can lose a cancellation
+                line = await self._reader.readline()
+        except TimeoutError:
             raise  # an OSError since 3.11, but the shim is there: it has not answered yet
         except (ConnectionError, OSError) as exc:
             raise ShimGone(f"{self.path}: {exc}") from None

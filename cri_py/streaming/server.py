@@ -144,8 +144,11 @@ class Connection:
             if self.idle_timeout > 0:
                 timeout = max(0.0, self.last_activity + self.idle_timeout - time.monotonic())
             try:
-                data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation
+                # that arrives as data does, and this loop would then read on forever
+                async with asyncio.timeout(timeout):
+                    data = await self.reader.read(READ_SIZE)
+            except TimeoutError:
                 if time.monotonic() - self.last_activity >= self.idle_timeout:
                     log.info("closing an idle streaming connection")
                     return b""
@@ -215,8 +218,9 @@ class Connection:
                 return
             if event is h11.NEED_DATA:
                 try:
-                    data = await asyncio.wait_for(self.reader.read(READ_SIZE), max(0.1, deadline - time.monotonic()))
-                except (asyncio.TimeoutError, ConnectionError, OSError):
+                    async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                        data = await self.reader.read(READ_SIZE)
+                except (TimeoutError, ConnectionError, OSError):
                     return
                 http.receive_data(data)
                 if not data:
@@ -385,6 +389,9 @@ class _ExecSession:
         """Input held until the process exists."""
         return 0
 
+    def adopt_pending(self, process: ExecProcess | AttachProcess) -> None:
+        """Hand the process, in order, the input held until it existed."""
+
     async def execute(self) -> tuple[int | None, str]:
         """(exit code, error message)."""
         containers = self.connection.server.containers
@@ -398,6 +405,9 @@ class _ExecSession:
                 self.process = ExecProcess(
                     containers, req.id, req.cmd, tty=req.tty, stdin=req.stdin, output=self._output
                 )
+            # in the same step as the process appears: input the read loop gets from
+            # now on goes straight to it, so what came before must already be there
+            self.adopt_pending(self.process)
             self.ready.set()
             return await self.process.run(), ""
         except asyncio.CancelledError:
@@ -441,12 +451,12 @@ class SpdyExec(_ExecSession):
 
     async def main(self) -> None:
         try:
-            await asyncio.wait_for(self.all_streams.wait(), STREAM_WAIT_SECONDS)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(STREAM_WAIT_SECONDS):
+                await self.all_streams.wait()
+        except TimeoutError:
             log.info("exec client did not open its streams in time")
             return
-        exec_task = asyncio.ensure_future(self.execute())
-        code, message = await self._run_with_pending(exec_task)
+        code, message = await self.execute()
         for name in ("stdout", "stderr"):
             if name in self.streams:
                 with contextlib.suppress(spdy.StreamClosedError):
@@ -466,26 +476,15 @@ class SpdyExec(_ExecSession):
             self.flush_conn()
         await self.connection.flush()
 
-    async def _run_with_pending(self, exec_task: asyncio.Task) -> tuple[int | None, str]:
-        try:
-            ready = asyncio.ensure_future(self.ready.wait())
-            await asyncio.wait({exec_task, ready}, return_when=asyncio.FIRST_COMPLETED)
-            ready.cancel()
-            # stdin that arrived before the process object existed
-            if self.process is not None:
-                if self.size is not None:
-                    self.process.resize(*self.size)
-                for item in self.pending_stdin:
-                    if item is None:
-                        self.process.close_stdin()
-                    else:
-                        self.process.write_stdin(item)
-                self.pending_stdin.clear()
-            return await exec_task
-        finally:
-            exec_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await exec_task
+    def adopt_pending(self, process: ExecProcess | AttachProcess) -> None:
+        if self.size is not None:
+            process.resize(*self.size)
+        for item in self.pending_stdin:
+            if item is None:
+                process.close_stdin()
+            else:
+                process.write_stdin(item)
+        self.pending_stdin.clear()
 
     def _stdin(self, data: bytes | None) -> None:
         if self.process is not None:
@@ -553,22 +552,15 @@ class WsExec(_ExecSession):
         await _race(self.main(), self.read_loop(trailing))
 
     async def main(self) -> None:
-        exec_task = asyncio.ensure_future(self.execute())
-        try:
-            ready = asyncio.ensure_future(self.ready.wait())
-            await asyncio.wait({exec_task, ready}, return_when=asyncio.FIRST_COMPLETED)
-            ready.cancel()
-            for event in self.pending:
-                self.apply(event)
-            self.pending.clear()
-            code, message = await exec_task
-        finally:
-            exec_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await exec_task
+        code, message = await self.execute()
         self.connection.write(self.codec.send_status(code, message))
         self.connection.write(self.codec.close())
         await self.connection.flush()
+
+    def adopt_pending(self, process: ExecProcess | AttachProcess) -> None:
+        events, self.pending = self.pending, []
+        for event in events:
+            self.apply(event)
 
     def apply(self, event: Any) -> None:
         process = self.process
