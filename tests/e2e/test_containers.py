@@ -161,6 +161,22 @@ def test_exec_sync_output_exit_code_timeout_and_background_children(pod):
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_concurrent_exec_syncs_each_get_their_own_result(pod):
+    """Probes of one container run at once: the shim reaps them all, in any order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    target = pod.run("busy", ["sleep", "1000"])
+
+    def probe(i: int) -> tuple[int, bytes]:
+        # half exit at once (before runc is reaped), half a little later
+        result = pod.exec(target, ["sh", "-c", f"{'sleep 0.2; ' if i % 2 else ''}echo {i}; exit {i % 7}"])
+        return result.exit_code, result.stdout
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(probe, range(32)))
+    assert results == [(i % 7, f"{i}\n".encode()) for i in range(32)]
+
+
 def test_mounts_host_dirs_are_created_and_readonly_is_enforced(pod, tmp_path):
     created = tmp_path / "made-by-runtime"
     ro = tmp_path / "ro"
