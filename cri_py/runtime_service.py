@@ -397,14 +397,7 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     async def ListContainerStats(
         self, request: cri.ListContainerStatsRequest, context: grpc.aio.ServicerContext
     ) -> cri.ListContainerStatsResponse:
-        flt = request.filter
-        chosen = [
-            c
-            for c in self.containers.list()
-            if (not flt.id or c.id.startswith(flt.id))
-            and (not flt.pod_sandbox_id or c.sandbox_id.startswith(flt.pod_sandbox_id))
-            and all(c.config.labels.get(k) == v for k, v in flt.label_selector.items())
-        ]
+        chosen = [c for c in self.containers.list() if container_cri.matches(c, request.filter)]
         stats = await asyncio.to_thread(lambda: [self._container_sample(c) for c in chosen])
         return cri.ListContainerStatsResponse(stats=stats)
 
@@ -418,12 +411,6 @@ class RuntimeService(cri_grpc.RuntimeServiceServicer):
     async def ListPodSandboxStats(
         self, request: cri.ListPodSandboxStatsRequest, context: grpc.aio.ServicerContext
     ) -> cri.ListPodSandboxStatsResponse:
-        flt = request.filter
-        chosen = [
-            s
-            for s in self.sandboxes.list()
-            if (not flt.id or s.id.startswith(flt.id))
-            and all(s.config.labels.get(k) == v for k, v in flt.label_selector.items())
-        ]
+        chosen = [s for s in self.sandboxes.list() if sandbox_cri.matches(s, request.filter)]
         stats = await asyncio.to_thread(lambda: [self._sandbox_sample(s) for s in chosen])
         return cri.ListPodSandboxStatsResponse(stats=stats)

@@ -25,12 +25,10 @@ import argparse
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,9 +37,8 @@ from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import pct, start_pod_server  # noqa: E402
+from benchlib import REPO, pct, pod_bench  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 BRIDGE = "cripybench1"
 SUBNET = "10.234.0.0/16"
 BUSYBOX = "docker.io/library/busybox:latest"
@@ -138,72 +135,40 @@ def remove(runtime: cri_grpc.RuntimeServiceStub, container_id: str) -> None:
     runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id), timeout=120)
 
 
-def remove_pods(sock: Path) -> None:
-    """Whatever pods are left (after an error): their shims would outlive the daemon."""
-    with grpc.insecure_channel(f"unix://{sock}") as channel:
-        runtime = cri_grpc.RuntimeServiceStub(channel)
-        for item in runtime.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=30).items:
-            runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=item.id), timeout=240)
-
-
-def registry_running() -> bool:
-    return subprocess.run([str(REPO / "hack/registry.sh"), "status"], capture_output=True).returncode == 0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequential", type=int, default=50)
     parser.add_argument("--log-level", default="warning", help="the server's (debug: every RPC's time)")
     args = parser.parse_args()
-    registry_was_running = registry_running()
-    work = Path(tempfile.mkdtemp(prefix="bench-containers-", dir="/var/tmp"))
-    forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()
-    server = sock = None
-    try:
-        if not registry_was_running:  # start it with the test images; stopped again below
-            subprocess.run([str(REPO / "hack/test-images.sh")], check=True, capture_output=True)
-        server, sock = start_pod_server(work, BRIDGE, SUBNET, args.log_level)
-        with grpc.insecure_channel(f"unix://{sock}") as channel:
-            runtime = cri_grpc.RuntimeServiceStub(channel)
-            images = cri_grpc.ImageServiceStub(channel)
-            image = images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=BUSYBOX)), timeout=240).image_ref
-            pod = pod_config(work)
-            sid = runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod), timeout=240).pod_sandbox_id
-            cid, _, _ = timed_start(runtime, container(sid, pod, image, "warm"))  # untimed
-            ctr_spec = json.loads((work / "state/containers" / cid / "bundle/config.json").read_text())
-            remove(runtime, cid)
-            pause_pid = int((work / "state/tasks" / sid / "init.pid").read_text())
-            floor_creates, floor_starts = floor(args.sequential, work, ctr_spec, pause_pid)
-            floor_total = [c + s for c, s in zip(floor_creates, floor_starts)]
-            creates, starts = [], []
-            for i in range(args.sequential):
-                cid, create, start = timed_start(runtime, container(sid, pod, image, f"bench-{i}"))
-                creates.append(create)
-                starts.append(start)
+    with pod_bench("bench-containers-", BRIDGE, SUBNET, args.log_level) as (server, sock, work):
+        try:
+            with grpc.insecure_channel(f"unix://{sock}") as channel:
+                runtime = cri_grpc.RuntimeServiceStub(channel)
+                images = cri_grpc.ImageServiceStub(channel)
+                image = images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=BUSYBOX)), timeout=240).image_ref
+                pod = pod_config(work)
+                sid = runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod), timeout=240).pod_sandbox_id
+                cid, _, _ = timed_start(runtime, container(sid, pod, image, "warm"))  # untimed
+                ctr_spec = json.loads((work / "state/containers" / cid / "bundle/config.json").read_text())
                 remove(runtime, cid)
-            total = [c + s for c, s in zip(creates, starts)]
-            runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=240)
-        print(f"floor (runc create + runc start of cri-py's spec), {len(floor_total)} containers: {ms(floor_total)} "
-              f"(create {ms(floor_creates)}; start {ms(floor_starts)})")
-        print(f"cri-py CreateContainer + StartContainer, {len(total)} sequential: {ms(total)} "
-              f"= {statistics.median(total) / statistics.median(floor_total):.2f}x the floor "
-              f"(create {ms(creates)}; start {ms(starts)})")
-    finally:
-        if server is not None:
-            if server.poll() is None:
-                try:
-                    remove_pods(sock)
-                except grpc.RpcError:
-                    pass
-            server.terminate()
-            server.wait(60)
-        subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
-        Path("/proc/sys/net/ipv4/ip_forward").write_text(forward)
-        subprocess.run(["umount", "-l", str(work / "state/netns")], capture_output=True)
-        remove_floor_cgroups()
-        shutil.rmtree(work, ignore_errors=True)
-        if not registry_was_running:
-            subprocess.run([str(REPO / "hack/registry.sh"), "stop"], capture_output=True)
+                pause_pid = int((work / "state/tasks" / sid / "init.pid").read_text())
+                floor_creates, floor_starts = floor(args.sequential, work, ctr_spec, pause_pid)
+                floor_total = [c + s for c, s in zip(floor_creates, floor_starts)]
+                creates, starts = [], []
+                for i in range(args.sequential):
+                    cid, create, start = timed_start(runtime, container(sid, pod, image, f"bench-{i}"))
+                    creates.append(create)
+                    starts.append(start)
+                    remove(runtime, cid)
+                total = [c + s for c, s in zip(creates, starts)]
+                runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=240)
+            print(f"floor (runc create + runc start of cri-py's spec), {len(floor_total)} containers: {ms(floor_total)} "
+                  f"(create {ms(floor_creates)}; start {ms(floor_starts)})")
+            print(f"cri-py CreateContainer + StartContainer, {len(total)} sequential: {ms(total)} "
+                  f"= {statistics.median(total) / statistics.median(floor_total):.2f}x the floor "
+                  f"(create {ms(creates)}; start {ms(starts)})")
+        finally:
+            remove_floor_cgroups()
 
 
 if __name__ == "__main__":

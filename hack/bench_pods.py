@@ -17,12 +17,10 @@ import argparse
 import concurrent.futures
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,9 +29,8 @@ from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import conflist, pct, start_pod_server  # noqa: E402
+from benchlib import REPO, conflist, pct, pod_bench  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 CNI_BIN = "/usr/lib/cni"
 BRIDGE = "cripybench0"
 SUBNET = "10.232.0.0/16"
@@ -147,11 +144,7 @@ def main() -> None:
     parser.add_argument("--pods", type=int, default=110)
     parser.add_argument("--parallel", type=int, default=10)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-pods-", dir="/var/tmp"))
-    forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()
-    server = None
-    try:
-        server, sock = start_pod_server(work, BRIDGE, SUBNET)
+    with pod_bench("bench-pods-", BRIDGE, SUBNET) as (server, sock, work):
         with grpc.insecure_channel(f"unix://{sock}") as channel:
             runtime = cri_grpc.RuntimeServiceStub(channel)
             sid, _ = timed_run(runtime, pod(0, "warm"))  # pulls the pause image once, untimed
@@ -181,14 +174,6 @@ def main() -> None:
         if shim_pss:
             print(f"memory at {args.pods} pods: daemon PSS {daemon_pss / 1024:.1f} MB; {len(shim_pss)} shims, "
                   f"PSS mean {statistics.mean(shim_pss) / 1024:.2f} MB, max {max(shim_pss) / 1024:.2f} MB")
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(60)
-        subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
-        Path("/proc/sys/net/ipv4/ip_forward").write_text(forward)
-        subprocess.run(["umount", "-l", str(work / "state/netns")], capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -49,13 +47,11 @@ from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Reje
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests.e2e.streamclient
-from bench_containers import registry_running, remove_pods  # noqa: E402
-from benchlib import pct, start_pod_server  # noqa: E402
+from benchlib import pct, pod_bench  # noqa: E402
 
 from cri_py.streaming import spdy  # noqa: E402
 from tests.e2e import streamclient as sc  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 BRIDGE = "cripybench2"
 SUBNET = "10.236.0.0/16"
 BUSYBOX = "docker.io/library/busybox:latest"
@@ -329,86 +325,66 @@ def main() -> None:
     parser.add_argument("--log-level", default="warning", help="the server's (debug: every RPC's time)")
     args = parser.parse_args()
     size = args.size_mb << 20
-    registry_was_running = registry_running()
-    work = Path(tempfile.mkdtemp(prefix="bench-streaming-", dir="/var/tmp"))
-    forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()
     loop = asyncio.new_event_loop()
-    server = sock = None
-    try:
-        if not registry_was_running:  # start it with the test images; stopped again below
-            subprocess.run([str(REPO / "hack/test-images.sh")], check=True, capture_output=True)
-        server, sock = start_pod_server(work, BRIDGE, SUBNET, args.log_level)
-        with grpc.insecure_channel(f"unix://{sock}") as channel:
-            runtime = cri_grpc.RuntimeServiceStub(channel)
-            images = cri_grpc.ImageServiceStub(channel)
-            image = images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=BUSYBOX)), timeout=240).image_ref
-            pod = pod_config(work)
-            sid = runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod), timeout=240).pod_sandbox_id
-            pod_ip = runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=30).status.network.ip
-            cid = runtime.CreateContainer(httpd_container(sid, pod, image, args.size_mb), timeout=120).container_id
-            runtime.StartContainer(cri.StartContainerRequest(container_id=cid), timeout=120)
-            wait_listening(pod_ip, PORT)
-
-            # exec: one untimed warm-up of each path, then the runs, floor first
-            floor_exec(1, work, cid)
-            timed_exec(loop, runtime, cid, spdy_true)
-            timed_exec(loop, runtime, cid, sc.ws_exec)
-            timed_exec_sync(runtime, cid)
-            floor_times = floor_exec(args.runs, work, cid)
-            spdy_runs = [timed_exec(loop, runtime, cid, spdy_true) for _ in range(args.runs)]
-            ws_runs = [timed_exec(loop, runtime, cid, sc.ws_exec) for _ in range(args.runs)]
-            sync_times = [timed_exec_sync(runtime, cid) for _ in range(args.runs)]
-
-            # port-forward: one untimed download of each path warms the page cache and the server
-            floor_fetch(pod_ip, size)
-            forward_fetch(runtime, sid, size, websocket=False)
-            forward_fetch(runtime, sid, size, websocket=True)
-            floor_rates, floor_busy = downloads(lambda: floor_fetch(pod_ip, size), args.downloads, server.pid)
-            spdy_rates, spdy_busy = downloads(lambda: forward_fetch(runtime, sid, size, False),
-                                              args.downloads, server.pid)
-            ws_rates, ws_busy = downloads(lambda: forward_fetch(runtime, sid, size, True),
-                                          args.downloads, server.pid)
-            runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=240)
-
-        spdy_times, rpc_times = [t for t, _, _ in spdy_runs], [r for _, r, _ in spdy_runs]
-        ws_times = [t for t, _, _ in ws_runs]
-        floor_p50 = statistics.median(floor_times)
-        print(f"{f'exec `true`, {args.runs} runs each, ms':<{LABEL}} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8}")
-        print(row("floor: runc exec", floor_times))
-        print(row(f"cri-py Exec + SPDY ({spdy_runs[0][2]})", spdy_times))
-        print(row(f"cri-py Exec + WebSocket ({ws_runs[0][2]})", ws_times))
-        print(row("  of which the Exec RPC (SPDY runs)", rpc_times))
-        print(row("cri-py ExecSync (same recipe, no streaming)", sync_times))
-        print(f"p50: SPDY {statistics.median(spdy_times) / floor_p50:.2f}x the floor, "
-              f"WebSocket {statistics.median(ws_times) / floor_p50:.2f}x the floor")
-        print()
-        print(f"{f'port-forward, GET of {args.size_mb} MiB, {args.downloads} each, MB/s':<{LABEL}} "
-              f"{'median':>8} {'min':>8} {'max':>8} {'daemon':>8} {'client':>8}")
-        print(rate_row("floor: direct from the pod IP", floor_rates, floor_busy))
-        print(rate_row("cri-py PortForward + SPDY", spdy_rates, spdy_busy))
-        print(rate_row("cri-py PortForward + WebSocket (v4)", ws_rates, ws_busy))
-        floor_rate = statistics.median(floor_rates)
-        print(f"median: SPDY {statistics.median(spdy_rates) / floor_rate:.2f}x the floor's rate, "
-              f"WebSocket {statistics.median(ws_rates) / floor_rate:.2f}x the floor's rate")
-    finally:
+    with pod_bench("bench-streaming-", BRIDGE, SUBNET, args.log_level) as (server, sock, work):
         try:
-            close_loop(loop)
-        except Exception as exc:  # noqa: BLE001 - never in the way of the cleanup below
-            print(f"warning: closing the client loop: {exc}", file=sys.stderr)
-        if server is not None:
-            if server.poll() is None:
-                try:
-                    remove_pods(sock)
-                except grpc.RpcError:
-                    pass
-            server.terminate()
-            server.wait(60)
-        subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
-        Path("/proc/sys/net/ipv4/ip_forward").write_text(forward)
-        subprocess.run(["umount", "-l", str(work / "state/netns")], capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
-        if not registry_was_running:
-            subprocess.run([str(REPO / "hack/registry.sh"), "stop"], capture_output=True)
+            with grpc.insecure_channel(f"unix://{sock}") as channel:
+                runtime = cri_grpc.RuntimeServiceStub(channel)
+                images = cri_grpc.ImageServiceStub(channel)
+                image = images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=BUSYBOX)), timeout=240).image_ref
+                pod = pod_config(work)
+                sid = runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod), timeout=240).pod_sandbox_id
+                pod_ip = runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=30).status.network.ip
+                cid = runtime.CreateContainer(httpd_container(sid, pod, image, args.size_mb), timeout=120).container_id
+                runtime.StartContainer(cri.StartContainerRequest(container_id=cid), timeout=120)
+                wait_listening(pod_ip, PORT)
+
+                # exec: one untimed warm-up of each path, then the runs, floor first
+                floor_exec(1, work, cid)
+                timed_exec(loop, runtime, cid, spdy_true)
+                timed_exec(loop, runtime, cid, sc.ws_exec)
+                timed_exec_sync(runtime, cid)
+                floor_times = floor_exec(args.runs, work, cid)
+                spdy_runs = [timed_exec(loop, runtime, cid, spdy_true) for _ in range(args.runs)]
+                ws_runs = [timed_exec(loop, runtime, cid, sc.ws_exec) for _ in range(args.runs)]
+                sync_times = [timed_exec_sync(runtime, cid) for _ in range(args.runs)]
+
+                # port-forward: one untimed download of each path warms the page cache and the server
+                floor_fetch(pod_ip, size)
+                forward_fetch(runtime, sid, size, websocket=False)
+                forward_fetch(runtime, sid, size, websocket=True)
+                floor_rates, floor_busy = downloads(lambda: floor_fetch(pod_ip, size), args.downloads, server.pid)
+                spdy_rates, spdy_busy = downloads(lambda: forward_fetch(runtime, sid, size, False),
+                                                  args.downloads, server.pid)
+                ws_rates, ws_busy = downloads(lambda: forward_fetch(runtime, sid, size, True),
+                                              args.downloads, server.pid)
+                runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=240)
+
+            spdy_times, rpc_times = [t for t, _, _ in spdy_runs], [r for _, r, _ in spdy_runs]
+            ws_times = [t for t, _, _ in ws_runs]
+            floor_p50 = statistics.median(floor_times)
+            print(f"{f'exec `true`, {args.runs} runs each, ms':<{LABEL}} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8}")
+            print(row("floor: runc exec", floor_times))
+            print(row(f"cri-py Exec + SPDY ({spdy_runs[0][2]})", spdy_times))
+            print(row(f"cri-py Exec + WebSocket ({ws_runs[0][2]})", ws_times))
+            print(row("  of which the Exec RPC (SPDY runs)", rpc_times))
+            print(row("cri-py ExecSync (same recipe, no streaming)", sync_times))
+            print(f"p50: SPDY {statistics.median(spdy_times) / floor_p50:.2f}x the floor, "
+                  f"WebSocket {statistics.median(ws_times) / floor_p50:.2f}x the floor")
+            print()
+            print(f"{f'port-forward, GET of {args.size_mb} MiB, {args.downloads} each, MB/s':<{LABEL}} "
+                  f"{'median':>8} {'min':>8} {'max':>8} {'daemon':>8} {'client':>8}")
+            print(rate_row("floor: direct from the pod IP", floor_rates, floor_busy))
+            print(rate_row("cri-py PortForward + SPDY", spdy_rates, spdy_busy))
+            print(rate_row("cri-py PortForward + WebSocket (v4)", ws_rates, ws_busy))
+            floor_rate = statistics.median(floor_rates)
+            print(f"median: SPDY {statistics.median(spdy_rates) / floor_rate:.2f}x the floor's rate, "
+                  f"WebSocket {statistics.median(ws_rates) / floor_rate:.2f}x the floor's rate")
+        finally:
+            try:
+                close_loop(loop)
+            except Exception as exc:  # noqa: BLE001 - never in the way of the cleanup pod_bench does
+                print(f"warning: closing the client loop: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,22 @@ functions here only take those as arguments.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import grpc
+from cri_api.v1 import api_pb2 as cri
+from cri_api.v1 import api_pb2_grpc as cri_grpc
+
+REPO = Path(__file__).resolve().parents[1]
 
 MIRRORS = (
     '[registry.mirrors."registry.k8s.io"]\nendpoints = ["http://127.0.0.1:5000"]\nupstream = false\n'
@@ -68,3 +78,49 @@ def start_pod_server(work: Path, bridge: str, subnet: str, level: str = "warning
     conf_dir.mkdir()
     (conf_dir / "10-bench.conflist").write_text(json.dumps(conflist(bridge, subnet, work / "ipam")))
     return start_server(work, f'[cni]\nconf_dir = "{conf_dir}"\n' + MIRRORS, level)
+
+
+def registry_running() -> bool:
+    return subprocess.run([str(REPO / "hack/registry.sh"), "status"], capture_output=True).returncode == 0
+
+
+def remove_pods(sock: Path) -> None:
+    """Whatever pods are left (after an error): their shims would outlive the daemon."""
+    with grpc.insecure_channel(f"unix://{sock}") as channel:
+        runtime = cri_grpc.RuntimeServiceStub(channel)
+        for item in runtime.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=30).items:
+            runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=item.id), timeout=240)
+
+
+@contextlib.contextmanager
+def pod_bench(prefix: str, bridge: str, subnet: str, level: str = "warning") -> Iterator[tuple[subprocess.Popen, Path, Path]]:
+    """(server, socket, work dir) of a pod server on a work dir of its own, with the
+    local registry (started with the test images when it is not running).
+
+    Everything is undone on the way out, after an error or Ctrl-C too: leftover pods
+    removed, the server stopped, the bridge deleted, ip_forward restored (the bridge
+    plugin turns it on), the netns pin unmounted, the work dir removed, and the
+    registry stopped if it was started here.
+    """
+    registry_was_running = registry_running()
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()
+    server = None
+    try:
+        if not registry_was_running:
+            subprocess.run([str(REPO / "hack/test-images.sh")], check=True, capture_output=True)
+        server, sock = start_pod_server(work, bridge, subnet, level)
+        yield server, sock, work
+    finally:
+        if server is not None:
+            if server.poll() is None:
+                with contextlib.suppress(grpc.RpcError):
+                    remove_pods(sock)
+            server.terminate()
+            server.wait(60)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        Path("/proc/sys/net/ipv4/ip_forward").write_text(forward)
+        subprocess.run(["umount", "-l", str(work / "state/netns")], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+        if not registry_was_running:
+            subprocess.run([str(REPO / "hack/registry.sh"), "stop"], capture_output=True)

@@ -214,11 +214,12 @@ def container_status(container: Container, image_name: str = "") -> cri.Containe
     return status
 
 
-def matches(container: Container, flt: cri.ContainerFilter) -> bool:
-    """ListContainers' filter: id prefix, state, sandbox id prefix, and every selector label."""
+def matches(container: Container, flt: cri.ContainerFilter | cri.ContainerStatsFilter) -> bool:
+    """ListContainers' filter (id prefix, state, sandbox id prefix, every selector label),
+    or ListContainerStats' (the same without state)."""
     if flt.id and not container.id.startswith(flt.id):
         return False
-    if flt.HasField("state") and _state(container) != flt.state.state:
+    if isinstance(flt, cri.ContainerFilter) and flt.HasField("state") and _state(container) != flt.state.state:
         return False
     if flt.pod_sandbox_id and not container.sandbox_id.startswith(flt.pod_sandbox_id):
         return False

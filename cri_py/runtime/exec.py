@@ -64,13 +64,19 @@ class ExecCommand:
         conn = ShimConnection(task_dir)
         message = {"op": "exec", "process_file": self.process_file, "pid_file": self.pid_file,
                    "console_socket": console_socket}
-        await conn.send_with_fds(message, list(stdio))
+        try:
+            await conn.send_with_fds(message, list(stdio))
+        except ShimGone as exc:
+            raise _shim_gone(exc) from None
         self.conn = conn
 
     async def wait(self, timeout: float | None = None) -> dict[str, Any]:
         """The shim's answer: exit_code, or runc_failed (with runc's argv), or an error."""
         assert self.conn is not None
-        return await self.conn.answer("exec", timeout)
+        try:
+            return await self.conn.answer("exec", timeout)
+        except ShimGone as exc:
+            raise _shim_gone(exc) from None
 
     @staticmethod
     def exit_code(reply: dict[str, Any], stderr: bytes) -> int:
@@ -95,6 +101,11 @@ class ExecCommand:
         for path in (self.process_file, self.pid_file):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+def _shim_gone(exc: ShimGone) -> errors.FailedPrecondition:
+    """No shim, no exec: the container is not running as far as we can reach it."""
+    return errors.FailedPrecondition(f"the container's shim is gone: {exc}")
 
 
 def kill_pid_file(pid_file: str) -> None:
@@ -127,13 +138,6 @@ async def exec_sync(task_dir: str, process: dict[str, Any], timeout: float | Non
     child keeps writing is drained for a short while only, so a probe never hangs on a
     daemonized child.
     """
-    try:
-        return await _exec_sync(task_dir, process, timeout, pid_file)
-    except ShimGone as exc:
-        raise errors.FailedPrecondition(f"the container's shim is gone: {exc}") from None
-
-
-async def _exec_sync(task_dir: str, process: dict[str, Any], timeout: float | None, pid_file: str) -> ExecResult:
     command = ExecCommand.prepare(process, pid_file)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)

@@ -121,10 +121,11 @@ def sandbox_status(sandbox: Sandbox) -> cri.PodSandboxStatus:
     )
 
 
-def matches(sandbox: Sandbox, flt: cri.PodSandboxFilter) -> bool:
-    """ListPodSandbox's filter: id (or its prefix), state, and every selector label."""
+def matches(sandbox: Sandbox, flt: cri.PodSandboxFilter | cri.PodSandboxStatsFilter) -> bool:
+    """ListPodSandbox's filter (id or its prefix, state, every selector label), or
+    ListPodSandboxStats' (the same without state)."""
     if flt.id and not sandbox.id.startswith(flt.id):
         return False
-    if flt.HasField("state") and _state(sandbox) != flt.state.state:
+    if isinstance(flt, cri.PodSandboxFilter) and flt.HasField("state") and _state(sandbox) != flt.state.state:
         return False
     return all(sandbox.config.labels.get(k) == v for k, v in flt.label_selector.items())

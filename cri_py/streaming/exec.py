@@ -25,7 +25,6 @@ from typing import Any
 
 from cri_py.errors import FailedPrecondition, InvalidArgument
 from cri_py.runtime.exec import ExecCommand
-from cri_py.runtime.shim_client import ShimGone
 
 CHUNK = 1 << 15
 DRAIN_SECONDS = 1.0
@@ -212,8 +211,6 @@ class ExecProcess:
             reply = await answer
             await asyncio.wait(readers, timeout=DRAIN_SECONDS)
             return command.exit_code(reply, b"".join(err_sink))
-        except ShimGone as exc:
-            raise FailedPrecondition(f"the container's shim is gone: {exc}") from None
         finally:
             for task in tasks:
                 task.cancel()

@@ -346,6 +346,33 @@ async def _spdy_read_loop(
             return
 
 
+async def _ws_read_loop(
+    connection: Connection,
+    codec: channels.ChannelCodec,
+    handle: Callable[[Any], Awaitable[None]],
+    trailing: bytes,
+    settle: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """The WebSocket twin of _spdy_read_loop: the client's messages to `handle` until
+    it closes or hangs up; replies (pong, close) go out without waiting; `settle` as
+    there."""
+    data = trailing
+    while True:
+        if data:
+            for event in codec.receive_data(data):
+                if isinstance(event, channels.Closed):
+                    connection.write(codec.data_to_send())
+                    return
+                await handle(event)
+            connection.write(codec.data_to_send())
+            if settle is not None and not await connection.wait_while_connected(settle):
+                return
+        data = await connection.read()
+        if not data:
+            codec.receive_data(None)
+            return
+
+
 async def _race(main: Awaitable[Any], reader: Awaitable[Any]) -> None:
     """Run the session's work and its read loop; whichever ends first ends the other."""
     work = asyncio.ensure_future(main)
@@ -576,22 +603,11 @@ class WsExec(_ExecSession):
     def pending_bytes(self) -> int:
         return sum(len(e.payload) for e in self.pending if isinstance(e, channels.ChannelData))
 
+    async def handle(self, event: Any) -> None:
+        self.apply(event)
+
     async def read_loop(self, trailing: bytes) -> None:
-        data = trailing
-        while True:
-            if data:
-                for event in self.codec.receive_data(data):
-                    if isinstance(event, channels.Closed):
-                        self.connection.write(self.codec.data_to_send())
-                        return
-                    self.apply(event)
-                self.connection.write(self.codec.data_to_send())  # never waits: see _spdy_read_loop
-                if not await self.connection.wait_while_connected(self.input_room):
-                    return
-            data = await self.connection.read()
-            if not data:
-                self.codec.receive_data(None)
-                return
+        await _ws_read_loop(self.connection, self.codec, self.handle, trailing, self.input_room)
 
 
 # --- port-forward ---------------------------------------------------------------------
@@ -756,25 +772,16 @@ class WsPortForward:
                 await self.connection.flush()
 
     async def read_loop(self, trailing: bytes) -> None:
-        data = trailing
-        while True:
-            if data:
-                for event in self.codec.receive_data(data):
-                    if isinstance(event, channels.Closed):
-                        self.connection.write(self.codec.data_to_send())
-                        return
-                    if isinstance(event, channels.ChannelData):
-                        await self.deliver(event.channel, event.payload)
-                    elif isinstance(event, channels.ChannelClosed):
-                        writer = self.writers.get(event.channel)
-                        if writer is not None and writer.can_write_eof():
-                            with contextlib.suppress(OSError):
-                                writer.write_eof()
-                self.connection.write(self.codec.data_to_send())  # never waits: see _spdy_read_loop
-            data = await self.connection.read()
-            if not data:
-                self.codec.receive_data(None)
-                return
+        await _ws_read_loop(self.connection, self.codec, self.handle, trailing)
+
+    async def handle(self, event: Any) -> None:
+        if isinstance(event, channels.ChannelData):
+            await self.deliver(event.channel, event.payload)
+        elif isinstance(event, channels.ChannelClosed):
+            writer = self.writers.get(event.channel)
+            if writer is not None and writer.can_write_eof():
+                with contextlib.suppress(OSError):
+                    writer.write_eof()
 
     async def deliver(self, channel: int, payload: bytes) -> None:
         writer = self.writers.get(channel)

@@ -302,13 +302,20 @@ class Pod:
         return self.runtime.ExecSync(cri.ExecSyncRequest(container_id=container_id, cmd=cmd, timeout=timeout), timeout=60)
 
 
-@pytest.fixture
-def pod(server_factory, local_registry, tmp_path, request):
+def server_with_network(server_factory, tmp_path: Path, request) -> tuple[ServerProcess, PodNetwork]:
+    """A started server whose pods go on a network of the test's own (the local
+    registry as mirror); the caller cleans the network up."""
     net = PodNetwork(tmp_path / "cni", index=abs(hash(request.node.name)) % 200)
     server = server_factory(MIRRORS + net.server_config(), start=False)
     net.attach(server)
     net.write_conflist(server.conf_dir)
     server.start()
+    return server, net
+
+
+@pytest.fixture
+def pod(server_factory, local_registry, tmp_path, request):
+    server, net = server_with_network(server_factory, tmp_path, request)
     log_dir = tmp_path / "pod-logs"
     config = cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name="cpod", namespace="e2e", uid=f"uid-{request.node.name[:40]}"),

@@ -12,8 +12,7 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2 as cri
 
-from tests.e2e.conftest import BUSYBOX, MIRRORS, Pod, wait_for
-from tests.e2e.network import PodNetwork
+from tests.e2e.conftest import BUSYBOX, Pod, server_with_network, wait_for
 
 def test_lifecycle_exit_codes_reasons_and_logs(pod):
     ok = pod.run("ok", ["sh", "-c", "echo hello; echo oops >&2"])
@@ -394,12 +393,8 @@ def test_critest_findings_stop_absent_ids_privileged_and_group_without_user(pod)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_privileged_container_in_a_privileged_pod_gets_the_caps_we_have(server_factory, local_registry, tmp_path):
-    net = PodNetwork(tmp_path / "cni", index=199)
-    server = server_factory(MIRRORS + net.server_config(), start=False)
-    net.attach(server)
-    net.write_conflist(server.conf_dir)
-    server.start()
+def test_privileged_container_in_a_privileged_pod_gets_the_caps_we_have(server_factory, local_registry, tmp_path, request):
+    server, net = server_with_network(server_factory, tmp_path, request)
     runtime = server.runtime()
     config = cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name="priv", namespace="e2e", uid="uid-priv"), log_directory=str(tmp_path / "l"))

@@ -9,18 +9,13 @@ import time
 import pytest
 from cri_api.v1 import api_pb2 as cri
 
-from tests.e2e.conftest import MIRRORS, Pod, wait_for
-from tests.e2e.network import PodNetwork
+from tests.e2e.conftest import Pod, server_with_network, wait_for
 
 
 @pytest.fixture
 def pods(server_factory, local_registry, tmp_path, request):
     """Two pods in one network (with cgroup parents of their own), removed at the end."""
-    net = PodNetwork(tmp_path / "cni", index=abs(hash(request.node.name)) % 200)
-    server = server_factory(MIRRORS + net.server_config(), start=False)
-    net.attach(server)
-    net.write_conflist(server.conf_dir)
-    server.start()
+    server, net = server_with_network(server_factory, tmp_path, request)
     runtime = server.runtime()
     made = []
     try:

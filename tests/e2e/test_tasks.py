@@ -30,6 +30,7 @@ from cri_py import errors
 from cri_py.runtime.runc import RuncError
 from cri_py.runtime.tasks import TaskManager, TaskSpec, TaskState
 from cri_py.shim import protocol as p
+from tests.e2e.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "build" / "images"
@@ -194,17 +195,6 @@ def processes(comm: str, under: str) -> list[int]:
     return found
 
 
-def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
 def _prctl(option: int, arg: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
@@ -243,7 +233,7 @@ def env(tmp_path, rootfs):
             e.runc("delete", "--force", id, check=False)
         for pid in processes("cri-py-shim", e.state) + processes("cri-py-launcher", e.state):
             os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not processes("cri-py-shim", e.state), what="stray shims to die")
+        wait_for(lambda: not processes("cri-py-shim", e.state), what="stray shims to die")
     finally:
         _prctl(PR_SET_CHILD_SUBREAPER, 0)
         time.sleep(0.05)
@@ -274,7 +264,7 @@ async def managers(env):
 def assert_clean(env: Env) -> None:
     """No runc container, no shim, no task dir, no launcher left."""
     assert env.runc_ids() == []
-    wait_until(lambda: not processes("cri-py-shim", env.state), 10, "shims to exit")
+    wait_for(lambda: not processes("cri-py-shim", env.state), 10, what="shims to exit")
     tasks_dir = os.path.join(env.state, "tasks")
     assert not os.path.isdir(tasks_dir) or os.listdir(tasks_dir) == []
 
@@ -405,7 +395,7 @@ async def test_delete_is_idempotent_and_shims_exit(managers, env):
     assert_clean(env)
     await tm.close()
     # the launcher leaves once no daemon is connected and no shim remains
-    wait_until(lambda: not processes("cri-py-launcher", env.state), 10, "launcher to exit")
+    wait_for(lambda: not processes("cri-py-launcher", env.state), 10, what="launcher to exit")
 
 
 async def test_restart_restores_exit_that_happened_while_down(managers, env):
@@ -419,7 +409,7 @@ async def test_restart_restores_exit_that_happened_while_down(managers, env):
 
     before = time.time_ns()
     env.runc("kill", "trapper", "TERM")  # exits 7 while nobody watches
-    wait_until(lambda: os.path.exists(os.path.join(env.task_dir("trapper"), p.EXIT_FILE)), what="exit.json")
+    wait_for(lambda: os.path.exists(os.path.join(env.task_dir("trapper"), p.EXIT_FILE)), what="exit.json")
     after = time.time_ns()
 
     exits: list[TaskState] = []
@@ -476,7 +466,7 @@ async def test_shim_survives_daemon_and_launcher_sigkill(managers, env):
     assert alive(shim) and alive(init_pid) and alive(launcher)
     assert json.loads(env.runc("state", "survivor").stdout)["status"] == "running"
     os.kill(launcher, signal.SIGKILL)  # the shim's parent
-    wait_until(lambda: not alive(launcher), what="launcher to die")
+    wait_for(lambda: not alive(launcher), what="launcher to die")
     time.sleep(0.2)
     assert alive(shim) and alive(init_pid)
 
